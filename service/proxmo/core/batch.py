@@ -1,0 +1,287 @@
+"""The validated, columnar step batch every estimator works on.
+
+Rows are step rows in request order, trajectory-major: the rows of trajectory i are
+traj_offsets[i]:traj_offsets[i+1]. Groups are numbered by first appearance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ValidationError(ValueError):
+    """Bad input, naming the offending field: str(e) == f"{field}: {message}"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TrajectoryInput:
+    """One rollout as plain Python (what convert.py builds from protobuf).
+
+    Per-step sequences are parallel and as long as `states`. `task_id` "" means `group_id`.
+    `state_keys`: "" for a step means "use the state text". `embeddings`: an empty vector for a
+    step means "no embedding".
+    """
+
+    trajectory_id: str
+    group_id: str
+    task_id: str
+    states: Sequence[str]
+    rewards: Sequence[float]
+    invalid: Sequence[bool]
+    state_keys: Sequence[str] | None = None
+    embeddings: Sequence[Sequence[float]] | None = None
+    success: bool | None = None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """A validated batch in columns (all float arrays float64)."""
+
+    rewards: np.ndarray  # float64[n_rows]
+    invalid: np.ndarray  # bool[n_rows]
+    row_traj: np.ndarray  # int64[n_rows] trajectory index of each row
+    row_t: np.ndarray  # int64[n_rows] step index within its trajectory (0-based)
+    traj_offsets: np.ndarray  # int64[n_traj + 1]
+    traj_group: np.ndarray  # int64[n_traj] group index, groups numbered by first appearance
+    success: np.ndarray  # int8[n_traj]: 1 success, 0 failure, -1 not given (use threshold)
+    group_ids: tuple[str, ...]  # [n_groups]
+    group_task: tuple[str, ...]  # [n_groups] task id of each group
+    trajectory_ids: tuple[str, ...]  # [n_traj]
+    row_state: np.ndarray  # int64[n_rows] index into `states`
+    states: tuple[str, ...]  # distinct state texts, by first appearance
+    row_key: np.ndarray  # int64[n_rows] exact identity (state_key if set, else the state text)
+    embeddings: np.ndarray | None  # float64[n_rows, d] when every step carries one
+    # bool[n_rows]: which steps carry an embedding (so PRECOMPUTED can name a missing one)
+    row_has_embedding: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def n_traj(self) -> int:
+        return int(self.traj_group.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_ids)
+
+    @property
+    def traj_lengths(self) -> np.ndarray:
+        """int64[n_traj]: steps per trajectory."""
+        return np.diff(self.traj_offsets)
+
+    @property
+    def row_group(self) -> np.ndarray:
+        """int64[n_rows]: group index of each row."""
+        groups: np.ndarray = self.traj_group[self.row_traj]
+        return groups
+
+    def row_field(self, row: int, name: str) -> str:
+        """The request field of one step row, e.g. 'trajectories[3].steps[7].reward'."""
+        return f"trajectories[{int(self.row_traj[row])}].steps[{int(self.row_t[row])}].{name}"
+
+    @staticmethod
+    def from_trajectories(trajs: Sequence[TrajectoryInput]) -> StepBatch:
+        """Validate and columnize. Raises ValidationError naming the first bad field.
+
+        Checks: at least one trajectory; non-empty, unique trajectory_id; non-empty group_id;
+        one task_id per group; at least one step; per-step sequences as long as `states`;
+        finite rewards; embeddings finite and all of one size.
+        """
+        if len(trajs) == 0:
+            raise ValidationError("trajectories", "at least one trajectory is required")
+        first_index: dict[str, int] = {}
+        group_index: dict[str, int] = {}
+        group_first_traj: list[int] = []
+        group_task: list[str] = []
+        traj_group: list[int] = []
+        success: list[int] = []
+        state_index: dict[str, int] = {}
+        key_index: dict[tuple[bool, str | int], int] = {}
+        lengths: list[int] = []
+        reward_parts: list[np.ndarray] = []
+        invalid_parts: list[np.ndarray] = []
+        row_state: list[int] = []
+        row_key: list[int] = []
+        embedding_parts: list[np.ndarray | None] = []
+        has_embedding_parts: list[tuple[int, np.ndarray]] = []
+        embedding_dim: int | None = None
+        embedding_origin = ""
+
+        for i, traj in enumerate(trajs):
+            where = f"trajectories[{i}]"
+            tid = traj.trajectory_id
+            if not tid:
+                raise ValidationError(f"{where}.trajectory_id", "must not be empty")
+            if tid in first_index:
+                raise ValidationError(
+                    f"{where}.trajectory_id",
+                    f"duplicate {tid!r} (also trajectories[{first_index[tid]}])",
+                )
+            first_index[tid] = i
+            if not traj.group_id:
+                raise ValidationError(f"{where}.group_id", "must not be empty")
+            task = traj.task_id or traj.group_id
+            g = group_index.get(traj.group_id)
+            if g is None:
+                g = group_index[traj.group_id] = len(group_task)
+                group_task.append(task)
+                group_first_traj.append(i)
+            elif group_task[g] != task:
+                raise ValidationError(
+                    f"{where}.task_id",
+                    f"group {traj.group_id!r} has task_id {group_task[g]!r} "
+                    f"(trajectories[{group_first_traj[g]}]), got {task!r}",
+                )
+            traj_group.append(g)
+            success.append(-1 if traj.success is None else int(bool(traj.success)))
+
+            n_steps = len(traj.states)
+            if n_steps == 0:
+                raise ValidationError(f"{where}.steps", "a trajectory needs at least one step")
+            _check_length(f"{where}.rewards", traj.rewards, n_steps)
+            _check_length(f"{where}.invalid", traj.invalid, n_steps)
+            if traj.state_keys is not None:
+                _check_length(f"{where}.state_keys", traj.state_keys, n_steps)
+            if traj.embeddings is not None:
+                _check_length(f"{where}.embeddings", traj.embeddings, n_steps)
+
+            rewards = _as_float_array(traj.rewards, f"{where}.steps[0].reward")
+            bad = np.flatnonzero(~np.isfinite(rewards))
+            if bad.size:
+                t = int(bad[0])
+                raise ValidationError(
+                    f"{where}.steps[{t}].reward", f"must be finite, got {rewards[t]}"
+                )
+            reward_parts.append(rewards)
+            invalid_parts.append(np.asarray(traj.invalid, dtype=bool).reshape(n_steps))
+            lengths.append(n_steps)
+
+            keys = traj.state_keys
+            for t, text in enumerate(traj.states):
+                s = state_index.setdefault(text, len(state_index))
+                row_state.append(s)
+                key: tuple[bool, str | int] = (True, keys[t]) if keys and keys[t] else (False, s)
+                row_key.append(key_index.setdefault(key, len(key_index)))
+
+            if traj.embeddings is None:
+                embedding_parts.append(None)
+                continue
+            block, present = _embedding_block(traj.embeddings, where)
+            if not present.any():
+                embedding_parts.append(None)
+                continue
+            t0 = int(np.flatnonzero(present)[0])
+            if embedding_dim is None:
+                embedding_dim, embedding_origin = block.shape[1], f"{where}.steps[{t0}]"
+            elif block.shape[1] != embedding_dim:
+                raise ValidationError(
+                    f"{where}.steps[{t0}].state_embedding",
+                    f"has size {block.shape[1]}, expected {embedding_dim} "
+                    f"(the size of {embedding_origin}.state_embedding)",
+                )
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                t = int(np.flatnonzero(~finite)[0])
+                raise ValidationError(
+                    f"{where}.steps[{t}].state_embedding", "must be finite (found nan or inf)"
+                )
+            embedding_parts.append(block)
+            has_embedding_parts.append((i, present))
+
+        n_traj = len(trajs)
+        lengths_arr = np.asarray(lengths, dtype=np.int64)
+        offsets = np.zeros(n_traj + 1, dtype=np.int64)
+        np.cumsum(lengths_arr, out=offsets[1:])
+        n_rows = int(offsets[-1])
+        row_traj = np.repeat(np.arange(n_traj, dtype=np.int64), lengths_arr)
+        row_t = np.arange(n_rows, dtype=np.int64) - offsets[row_traj]
+
+        has_embedding = np.zeros(n_rows, dtype=bool)
+        for i, present in has_embedding_parts:
+            has_embedding[offsets[i] : offsets[i + 1]] = present
+        embeddings: np.ndarray | None = None
+        if embedding_dim is not None and bool(has_embedding.all()):
+            # every part is present here, so each is a full [T_i, d] block
+            embeddings = np.concatenate([p for p in embedding_parts if p is not None])
+
+        return StepBatch(
+            rewards=np.concatenate(reward_parts),
+            invalid=np.concatenate(invalid_parts),
+            row_traj=row_traj,
+            row_t=row_t,
+            traj_offsets=offsets,
+            traj_group=np.asarray(traj_group, dtype=np.int64),
+            success=np.asarray(success, dtype=np.int8),
+            group_ids=tuple(group_index),
+            group_task=tuple(group_task),
+            trajectory_ids=tuple(t.trajectory_id for t in trajs),
+            row_state=np.asarray(row_state, dtype=np.int64),
+            states=tuple(state_index),
+            row_key=np.asarray(row_key, dtype=np.int64),
+            embeddings=embeddings,
+            row_has_embedding=has_embedding,
+        )
+
+
+def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:
+    if len(values) != n_steps:
+        raise ValidationError(field, f"has {len(values)} values for {n_steps} steps")
+
+
+def _as_float_array(values: Sequence[float], field: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(len(values))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(field, f"must be numbers ({exc})") from None
+
+
+def _embedding_block(
+    embeddings: Sequence[Sequence[float]], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A trajectory's embeddings as float64[T, d] (zero rows where absent) and bool[T] present.
+
+    Raises ValidationError when the present vectors of this trajectory differ in size.
+    """
+    try:  # fast path: a rectangular block (numpy array or equal-length lists)
+        block = np.asarray(embeddings, dtype=np.float64)
+        if block.ndim == 2 and block.shape[1] > 0:
+            return block, np.ones(block.shape[0], dtype=bool)
+    except (TypeError, ValueError):
+        pass
+    vectors: list[np.ndarray] = []
+    dim: int | None = None
+    first = -1
+    for t, vec in enumerate(embeddings):
+        field = f"{where}.steps[{t}].state_embedding"
+        try:
+            arr = np.asarray(vec, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(field, f"must be numbers ({exc})") from None
+        if arr.ndim != 1:
+            raise ValidationError(field, f"must be a vector, got shape {arr.shape}")
+        if arr.shape[0] > 0:
+            if dim is None:
+                dim, first = arr.shape[0], t
+            elif arr.shape[0] != dim:
+                raise ValidationError(
+                    field,
+                    f"has size {arr.shape[0]}, expected {dim} "
+                    f"(the size of {where}.steps[{first}].state_embedding)",
+                )
+        vectors.append(arr)
+    present = np.asarray([v.shape[0] > 0 for v in vectors], dtype=bool)
+    block = np.zeros((len(vectors), dim or 0), dtype=np.float64)
+    for t, arr in enumerate(vectors):
+        if arr.shape[0] > 0:
+            block[t] = arr
+    return block, present

@@ -1,0 +1,186 @@
+"""Step level: proximity-based soft aggregation (PSA) and exact anchors (ALGORITHM.md section 3).
+
+Cost stays per group: the only matrices built are one group's distinct states against
+themselves (m_g x m_g, m_g <= n_g), never the batch x batch similarity matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import scipy.sparse as sp
+
+from proxmo.core.batch import StepBatch, ValidationError
+from proxmo.core.config import Normalization, Scope
+from proxmo.core.episode import STD_EPSILON
+
+FeatureMatrix: TypeAlias = "np.ndarray | sp.csr_matrix | sp.csr_array"
+
+
+@dataclass(frozen=True)
+class StateFeatures:
+    """What PSA needs: L2-normalized feature rows and, per step row, its feature row.
+
+    Rows sharing a feature row are treated as one distinct state (their S_ij are equal), which
+    is what makes the per-group kernel m_g x m_g. None instead of a StateFeatures means
+    "A^S = 0" (e.g. an empty TF-IDF vocabulary).
+    """
+
+    matrix: FeatureMatrix  # [n_distinct, d], rows L2-normalized (or zero)
+    row_index: np.ndarray  # int64[n_rows] -> row of `matrix`
+
+
+def dense_features(unique_embeddings: np.ndarray, row_index: np.ndarray) -> StateFeatures:
+    """StateFeatures from dense vectors (encoder or client embeddings): x / |x|, zero stays zero.
+
+    `unique_embeddings` [n_distinct, d]; `row_index` int64[n_rows] maps each step row to its
+    vector (for encoder embeddings of batch.states, pass batch.row_state).
+    """
+    matrix = np.asarray(unique_embeddings, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {matrix.shape}")
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    normalized = matrix / np.where(norms > 0.0, norms, 1.0)
+    index = np.asarray(row_index, dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= matrix.shape[0]):
+        raise ValueError("row_index points outside the embedding matrix")
+    return StateFeatures(normalized, index)
+
+
+def precomputed_features(batch: StepBatch) -> StateFeatures:
+    """PRECOMPUTED similarity: the clients' state_embedding vectors, L2-normalized.
+
+    Identical vectors are merged into one distinct state. Raises ValidationError naming the
+    first step without an embedding.
+    """
+    if batch.embeddings is None:
+        missing = np.flatnonzero(~batch.row_has_embedding)
+        row = int(missing[0]) if missing.size else 0
+        raise ValidationError(
+            batch.row_field(row, "state_embedding"),
+            "missing: PRECOMPUTED similarity needs an embedding on every step",
+        )
+    unique, row_index = np.unique(batch.embeddings, axis=0, return_inverse=True)
+    return dense_features(unique, row_index.reshape(-1))
+
+
+def _units(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct keys (sorted), each row's unit index, and the number of rows per unit."""
+    unique, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return unique, inverse, np.bincount(inverse, minlength=unique.shape[0])
+
+
+def _gram(matrix: FeatureMatrix, rows: np.ndarray) -> np.ndarray:
+    """S = X_rows X_rows^T as a dense float64 array."""
+    sub = matrix[rows]
+    if sp.issparse(sub):
+        return np.asarray((sub @ sub.T).toarray(), dtype=np.float64)
+    dense = np.asarray(sub, dtype=np.float64)
+    return dense @ dense.T
+
+
+def soft_aggregation(
+    returns: np.ndarray,
+    batch: StepBatch,
+    features: StateFeatures,
+    tau: float,
+    scope: Scope,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PSA: A^S_i = G_i - B_i, B_i = sum_{j in C(i)} W_ij G_j, W_ij = softmax_j(S_ij / tau).
+
+    S_ij = x_i . x_j. C(i): every row of i's group (GROUP) or only those with i's step index
+    (SAME_STEP), i itself included. Rows sharing a distinct unit u (feature row, plus t under
+    SAME_STEP) share B, so per group, with E_uv = exp((S_uv - max_v S_uv) / tau) over the
+    group's units, Gsum_v = sum of G over unit v and c_v its row count:
+
+        B_u = (E @ Gsum)_u / (E @ c)_u,   effective neighbours 1 / sum_j W_ij^2
+            = (E @ c)_u^2 / (E^2 @ c)_u.
+
+    Returns (A^S, effective neighbours), both float64[n_rows]. Cost O(sum_g m_g^2 d).
+    """
+    n_feature_rows = int(features.matrix.shape[0])
+    index = features.row_index
+    if index.shape != (batch.n_rows,):
+        raise ValueError(f"features.row_index has shape {index.shape}, expected ({batch.n_rows},)")
+    group = batch.row_group
+    if scope is Scope.SAME_STEP:
+        t_span = int(batch.row_t.max()) + 1
+        keys = (group * t_span + batch.row_t) * n_feature_rows + index
+        unit_keys, row_unit, unit_count = _units(keys)
+        unit_t = (unit_keys // n_feature_rows) % t_span
+        unit_group = unit_keys // (n_feature_rows * t_span)
+    else:
+        keys = group * n_feature_rows + index
+        unit_keys, row_unit, unit_count = _units(keys)
+        unit_t = np.zeros_like(unit_keys)
+        unit_group = unit_keys // n_feature_rows
+    unit_feature = unit_keys % n_feature_rows
+    unit_gsum = np.bincount(row_unit, weights=returns, minlength=unit_keys.shape[0])
+    bounds = np.searchsorted(unit_group, np.arange(batch.n_groups + 1))
+
+    baseline = np.empty(unit_keys.shape[0], dtype=np.float64)
+    effective = np.empty(unit_keys.shape[0], dtype=np.float64)
+    count_f = unit_count.astype(np.float64)
+    for g in range(batch.n_groups):
+        lo, hi = int(bounds[g]), int(bounds[g + 1])
+        feats = unit_feature[lo:hi]
+        if scope is Scope.SAME_STEP:
+            # gram over the group's distinct feature rows, then spread to (state, t) units
+            distinct, local = np.unique(feats, return_inverse=True)
+            gram = _gram(features.matrix, distinct)
+            sims = gram[np.ix_(local.reshape(-1), local.reshape(-1))]
+            ts = unit_t[lo:hi]
+            candidate = ts[:, None] == ts[None, :]
+            sims = np.where(candidate, sims, -np.inf)
+        else:
+            sims = _gram(features.matrix, feats)
+        kernel = np.exp((sims - sims.max(axis=1, keepdims=True)) / tau)
+        counts = count_f[lo:hi]
+        weight_sum = kernel @ counts
+        baseline[lo:hi] = (kernel @ unit_gsum[lo:hi]) / weight_sum
+        effective[lo:hi] = weight_sum * weight_sum / ((kernel * kernel) @ counts)
+    return returns - baseline[row_unit], effective[row_unit]
+
+
+def anchor_ids(batch: StepBatch, scope: Scope) -> np.ndarray:
+    """Exact anchor group of each row: same group and identical key (state_key, else state
+    text), plus the same step index under SAME_STEP. int64[n_rows], dense ids."""
+    n_keys = int(batch.row_key.max()) + 1
+    keys = batch.row_group * n_keys + batch.row_key
+    if scope is Scope.SAME_STEP:
+        keys = keys * (int(batch.row_t.max()) + 1) + batch.row_t
+    return _units(keys)[1]
+
+
+def exact_anchor_advantages(
+    returns: np.ndarray, anchors: np.ndarray, normalization: Normalization
+) -> tuple[np.ndarray, np.ndarray]:
+    """GiGPO step term over exact anchor groups; returns (A^S, anchor size per row).
+
+    MEAN: A^S = G - mean(anchor); MEAN_STD: (G - mean) / (std + 1e-6), std unbiased and 1 for a
+    single row. A singleton anchor gets 0 either way. This is also PSA's tau -> 0 limit (MEAN).
+    """
+    n_anchors = int(anchors.max()) + 1
+    sizes = np.bincount(anchors, minlength=n_anchors).astype(np.float64)
+    mean = np.bincount(anchors, weights=returns, minlength=n_anchors) / sizes
+    centered = returns - mean[anchors]
+    row_size = sizes[anchors]
+    if normalization is Normalization.MEAN_STD:
+        squares = np.bincount(anchors, weights=centered * centered, minlength=n_anchors)
+        single = sizes <= 1.0
+        std = np.where(single, 1.0, np.sqrt(squares / np.where(single, 1.0, sizes - 1.0)))
+        centered = centered / (std[anchors] + STD_EPSILON)
+    return np.where(row_size > 1.0, centered, 0.0), row_size
+
+
+def singleton_fraction(batch: StepBatch) -> np.ndarray:
+    """Per group: fraction of its rows whose exact anchor group (identical state) has one row."""
+    anchors = anchor_ids(batch, Scope.GROUP)
+    sizes = np.bincount(anchors)
+    single = (sizes[anchors] == 1).astype(np.float64)
+    group = batch.row_group
+    rows = np.bincount(group, minlength=batch.n_groups)
+    return np.bincount(group, weights=single, minlength=batch.n_groups) / rows

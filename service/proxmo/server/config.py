@@ -1,0 +1,266 @@
+"""Server settings: defaults < config file < ``PROXMO_*`` environment < command-line flags.
+
+Every field of :class:`Settings` has one environment twin (``PROXMO_`` + the field name in upper
+case) and one flag (``--`` + the field name with dashes). The optional config file (``--config``
+or ``PROXMO_CONFIG``) is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the field names as
+keys. Secrets are masked whenever the settings are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+ENV_PREFIX = "PROXMO_"
+MIB = 1024 * 1024
+
+SIMILARITY_CHOICES = ("auto", "tfidf", "encoder", "exact")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# "none" is the server's own switch: do not load an encoder at all (ENCODER similarity is then
+# unavailable). The other values are handed to the encoder package.
+ENCODER_BACKENDS = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "none")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the composition root needs. Field docs become the ``--help`` text."""
+
+    host: str = field(default="0.0.0.0", metadata={"help": "address both servers bind"})
+    grpc_port: int = field(default=50051, metadata={"help": "gRPC port"})
+    http_port: int = field(default=8000, metadata={"help": "REST (operators) port"})
+    redis_url: str = field(
+        default="", metadata={"help": "success-rate store; empty: in-memory store", "secret": True}
+    )
+    namespace: str = field(default="proxmo", metadata={"help": "success-rate key prefix"})
+    similarity: str = field(
+        default="auto",
+        metadata={"help": "server default similarity: auto (encoder when loaded, else tfidf), "
+                  "tfidf, encoder, exact", "choices": SIMILARITY_CHOICES},
+    )
+    max_concurrency: int = field(
+        default=32, metadata={"help": "concurrent requests before RESOURCE_EXHAUSTED"}
+    )
+    stream_inflight: int = field(
+        default=4, metadata={"help": "requests computed at once per StreamAdvantages stream"}
+    )
+    max_message_bytes: int = field(default=64 * MIB, metadata={"help": "largest message, bytes"})
+    max_trajectories: int = field(default=4096, metadata={"help": "trajectories per request"})
+    max_steps_per_trajectory: int = field(default=1000, metadata={"help": "steps per trajectory"})
+    max_total_steps: int = field(default=200_000, metadata={"help": "steps per request"})
+    max_state_chars: int = field(default=16_384, metadata={"help": "characters per state text"})
+    max_embedding_dim: int = field(default=4096, metadata={"help": "largest state_embedding"})
+    grace_period_s: float = field(
+        default=20.0, metadata={"help": "seconds in-flight work may take after SIGTERM"}
+    )
+    log_format: str = field(
+        default="text", metadata={"help": "text or json", "choices": LOG_FORMATS}
+    )
+    log_level: str = field(default="info", metadata={"help": "log level", "choices": LOG_LEVELS})
+    compute_threads: int = field(
+        default=0, metadata={"help": "worker threads for the estimator; 0: one per CPU core"}
+    )
+    encoder_model: str = field(
+        default="", metadata={"help": "encoder model directory; empty: the packaged MiniLM"}
+    )
+    encoder_backend: str = field(
+        default="auto",
+        metadata={"help": "auto, tensorrt, torch-cuda, torch-cpu, or none (no encoder)",
+                  "choices": ENCODER_BACKENDS},
+    )
+    encoder_dtype: str = field(
+        default="auto", metadata={"help": "auto, float16, bfloat16, float32"}
+    )
+    encoder_threads: int = field(
+        default=0, metadata={"help": "CPU threads of the encoder; 0: auto"}
+    )
+    encoder_max_batch_tokens: int = field(
+        default=16384, metadata={"help": "token budget of one encoder batch"}
+    )
+    encoder_lru_size: int = field(default=100000, metadata={"help": "in-process embedding cache"})
+    embedding_cache_redis: bool = field(
+        default=False, metadata={"help": "also cache embeddings in Redis (at --redis-url)"}
+    )
+    embedding_cache_ttl_s: int = field(
+        default=604800, metadata={"help": "TTL of Redis-cached embeddings, seconds"}
+    )
+    encoder_engine_cache_dir: str = field(
+        default="~/.cache/proxmo/trt", metadata={"help": "TensorRT engine cache directory"}
+    )
+    auth_token: str = field(
+        default="", metadata={"help": "bearer token for admin calls (reserved)", "secret": True}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @property
+    def encoder_enabled(self) -> bool:
+        return self.encoder_backend != "none"
+
+    def describe(self) -> str:
+        """One ``name = value`` line per setting, secrets masked (passwords inside URLs too)."""
+        width = max(len(f.name) for f in fields(self))
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = mask_secret(value) if f.metadata.get("secret") else value
+            lines.append(f"  {f.name:<{width}} = {shown!r}")
+        return "\n".join(lines)
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict, secrets masked (for JSON logs)."""
+        return {
+            f.name: mask_secret(getattr(self, f.name)) if f.metadata.get("secret")
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+
+
+# The password runs to the LAST '@' (an unescaped '@' inside it must not leak its tail).
+_URL_PASSWORD = re.compile(r"^(?P<head>[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>.*)(?P<tail>@[^@]*)$")
+
+
+def mask_secret(value: Any) -> str:
+    """Mask a secret: the password of a URL (``redis://u:***@h``), or the whole value."""
+    text = str(value)
+    if not text:
+        return ""
+    match = _URL_PASSWORD.match(text)
+    if match:
+        return f"{match['head']}***{match['tail']}"
+    if "://" in text:  # a URL without a password shows as is
+        return text
+    return "***"
+
+
+def _check(s: Settings) -> None:
+    for name in ("grpc_port", "http_port"):
+        port = getattr(s, name)
+        if not 0 < port < 65536:
+            raise SettingsError(f"{name}: must be in 1..65535, got {port}")
+    for name in ("max_concurrency", "stream_inflight", "max_message_bytes", "max_trajectories",
+                 "max_steps_per_trajectory", "max_total_steps", "max_state_chars",
+                 "max_embedding_dim", "encoder_max_batch_tokens"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name}: must be >= 1, got {getattr(s, name)}")
+    for name in ("compute_threads", "encoder_threads", "encoder_lru_size", "embedding_cache_ttl_s"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    if s.grace_period_s < 0:
+        raise SettingsError(f"grace_period_s: must be >= 0, got {s.grace_period_s}")
+    for f in fields(s):
+        choices = f.metadata.get("choices")
+        if choices and getattr(s, f.name) not in choices:
+            raise SettingsError(
+                f"{f.name}: must be one of {', '.join(choices)}, got {getattr(s, f.name)!r}"
+            )
+    if s.embedding_cache_redis and not s.redis_url:
+        raise SettingsError("embedding_cache_redis: needs redis_url")
+
+
+def _field_types() -> dict[str, type]:
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: kinds[str(f.type)] for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    kind = _field_types()[name]
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: expected {kind.__name__}, got {raw!r} (from {source})") \
+            from None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SettingsError(f"config: cannot read {p}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise SettingsError(f"config: {p} is not valid {p.suffix or 'YAML'}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config: {p} must hold a mapping of setting names to values")
+    known = _field_types()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise SettingsError(f"config: unknown setting {key!r} in {p}")
+        out[name] = _coerce(name, value, str(p))
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxmo-server",
+        description="proxmo credit-assignment server: gRPC + REST in one process. Every flag has "
+        "an environment twin PROXMO_<NAME> (e.g. --grpc-port / PROXMO_GRPC_PORT).",
+    )
+    parser.add_argument("--config", default=None, help="YAML or TOML file (env PROXMO_CONFIG)")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_types()[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default {f.default!r}; env {ENV_PREFIX}" \
+            f"{f.name.upper()})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=str, help=help_text,
+                                metavar=kind.__name__.upper())
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve the settings: defaults < config file < PROXMO_* environment < flags."""
+    env = os.environ if environ is None else environ
+    args = _parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    config_path = args.config or env.get(ENV_PREFIX + "CONFIG", "")
+    if config_path:
+        values.update(_read_file(config_path))
+    for name in _field_types():
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = _coerce(name, env[key], key)
+    for name in _field_types():
+        raw = getattr(args, name)
+        if raw is not None:
+            values[name] = _coerce(name, raw, "--" + name.replace("_", "-"))
+    return Settings(**values)
+

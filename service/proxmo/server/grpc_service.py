@@ -1,0 +1,263 @@
+"""The gRPC front door: a thin servicer over ``Runtime``, plus health and reflection.
+
+Errors carry the status the error names (``proxmo.server.status``) and rich details
+(``grpc-status-details-bin``): ``google.rpc.BadRequest`` field violations for a bad field,
+``google.rpc.RequestInfo`` with the request id, ``google.rpc.RetryInfo`` when overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from proxmo.server.runtime import Runtime, new_request_id
+from proxmo.server.status import (
+    ErrorStatus,
+    Unauthenticated,
+    classify,
+    field_free_message,
+    in_stream,
+)
+from proxmo_client.v1 import proxmo_pb2 as pb
+from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
+
+log = logging.getLogger("proxmo.server.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CreditAssignmentService"].full_name
+TRANSPORT = "grpc"
+_RETRY_AFTER_OVERLOAD = duration_pb2.Duration(nanos=100_000_000)  # a hint, not a promise
+
+T = TypeVar("T")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _status_proto(status: ErrorStatus, request_id: str) -> status_pb2.Status:
+    details = []
+    if status.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=status.field, description=field_free_message(status)
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if status.reject_reason == "overloaded":
+        details.append(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_OVERLOAD))
+    details.append(error_details_pb2.RequestInfo(request_id=request_id))
+    proto = status_pb2.Status(code=code_pb2.Code.Value(status.code), message=status.message)
+    for detail in details:
+        proto.details.add().Pack(detail)
+    return proto
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: ErrorStatus,
+                 request_id: str) -> NoReturn:
+    await context.abort_with_status(rpc_status.to_status(_status_proto(status, request_id)))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def _cancelled_status(context: grpc.aio.ServicerContext) -> ErrorStatus:
+    """Why the call was cancelled under us: its deadline passed, or the client left."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return ErrorStatus("DEADLINE_EXCEEDED", 504, "deadline exceeded", "", internal=False)
+    return ErrorStatus("CANCELLED", 499, "client cancelled", "", internal=False)
+
+
+class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
+    """proxmo.v1.CreditAssignmentService over ``Runtime``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def _serve(self, rpc: str, context: grpc.aio.ServicerContext, request_id: str,
+                     call: Callable[[], Awaitable[T]]) -> T:
+        """Run one unary call: count, time and log it; turn exceptions into statuses."""
+        started = time.monotonic()
+        try:
+            response = await call()
+        except asyncio.CancelledError:
+            self._rt.finish(transport=TRANSPORT, rpc=rpc, started=started,
+                            request_id=request_id, error=_cancelled_status(context))
+            raise
+        except Exception as exc:
+            status = classify(exc, request_id)
+            self._rt.finish(transport=TRANSPORT, rpc=rpc, started=started,
+                            request_id=request_id, error=status, exc=exc)
+            await _abort(context, status, request_id)
+        self._rt.finish(transport=TRANSPORT, rpc=rpc, started=started, request_id=request_id,
+                        response=response if isinstance(response, pb.ComputeAdvantagesResponse)
+                        else None)
+        return response
+
+    async def ComputeAdvantages(  # noqa: N802 (gRPC method name)
+        self, request: pb.ComputeAdvantagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ComputeAdvantagesResponse:
+        received = time.monotonic()
+        return await self._serve(
+            "ComputeAdvantages", context, request.request_id or new_request_id(),
+            lambda: self._rt.compute(request, deadline=_deadline(context), received_at=received,
+                                     wait_for_slot=False),
+        )
+
+    async def StreamAdvantages(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ComputeAdvantagesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ComputeAdvantagesResponse]:
+        """Up to ``stream_inflight`` requests computed at once, answered in request order.
+
+        A reader task takes requests off the wire only while a slot of the stream is free, so
+        a fast client is slowed by HTTP/2 flow control instead of piling work up. Each request
+        also takes a server-wide admission slot, waiting for one (backpressure, never refused).
+        When the client leaves, the handler is cancelled and the ``finally`` cancels the reader
+        and every computation still running.
+        """
+        rt = self._rt
+        deadline = _deadline(context)
+        stream_slots = asyncio.Semaphore(rt.settings.stream_inflight)
+        queue: asyncio.Queue[tuple[int, str, float, asyncio.Task[pb.ComputeAdvantagesResponse]]
+                             | None] = asyncio.Queue()
+
+        async def read() -> None:
+            index = 0
+            try:
+                async for request in request_iterator:
+                    await stream_slots.acquire()
+                    received = time.monotonic()
+                    task = asyncio.create_task(rt.compute(
+                        request, deadline=deadline, received_at=received, wait_for_slot=True))
+                    queue.put_nowait(
+                        (index, request.request_id or new_request_id(), received, task))
+                    index += 1
+            finally:  # end of input, or a failed read: the answers so far go out first
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        pending: list[asyncio.Task[pb.ComputeAdvantagesResponse]] = []
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                index, request_id, received, task = item
+                pending.append(task)
+                try:
+                    response = await task
+                except asyncio.CancelledError:
+                    rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                              request_id=request_id, error=_cancelled_status(context))
+                    raise
+                except Exception as exc:
+                    status = in_stream(classify(exc, request_id), index)
+                    rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                              request_id=request_id, error=status, exc=exc)
+                    await _abort(context, status, request_id)
+                pending.remove(task)
+                rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                          request_id=request_id, response=response)
+                yield response
+                stream_slots.release()
+            await reader  # surfaces a failed read (e.g. an undecodable message)
+        finally:
+            reader.cancel()
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is not None:
+                    pending.append(item[3])
+            for task in pending:
+                task.cancel()
+
+    async def GetSuccessRates(  # noqa: N802
+        self, request: pb.GetSuccessRatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSuccessRatesResponse:
+        return await self._serve("GetSuccessRates", context, new_request_id(),
+                                 lambda: self._rt.success_rates(request))
+
+    async def ResetSuccessRates(  # noqa: N802
+        self, request: pb.ResetSuccessRatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetSuccessRatesResponse:
+        async def reset() -> pb.ResetSuccessRatesResponse:
+            metadata = dict(context.invocation_metadata() or ())
+            check_admin_token(self._rt.settings.auth_token, str(metadata.get("authorization", "")))
+            return await self._rt.reset_success_rates(request)
+
+        return await self._serve("ResetSuccessRates", context, new_request_id(), reset)
+
+    async def GetServerInfo(  # noqa: N802
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        async def info() -> pb.GetServerInfoResponse:
+            return self._rt.server_info()
+
+        return await self._serve("GetServerInfo", context, new_request_id(), info)
+
+
+def check_admin_token(expected: str, authorization: str) -> None:
+    """With an auth token configured, admin calls need ``authorization: Bearer <token>``."""
+    if not expected:
+        return
+    presented = authorization.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise Unauthenticated("authorization", "admin calls need 'Bearer <auth token>'")
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options, set deliberately (serving-anchors.md section 3.5/3.6)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Two servers silently sharing a port is never what we want.
+        ("grpc.so_reuseport", 0),
+        # Clients (ours pings every 30 s) may keep idle connections alive with pings every
+        # 10 s; never punish them with GOAWAY too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Find dead clients within ~1.5 min and free their streams.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+async def build_grpc_server(
+    runtime: Runtime,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The grpc.aio server with the service, health (NOT_SERVING until warm) and reflection,
+    bound to ``host:grpc_port`` and not yet started."""
+    settings = runtime.settings
+    server = grpc.aio.server(options=server_options(settings.max_message_bytes))
+    pb_grpc.add_CreditAssignmentServiceServicer_to_server(CreditAssignmentServicer(runtime),
+                                                          server)
+    health_servicer = health.aio.HealthServicer()
+    # The servicer starts with {"": SERVING}; nothing is served before the warm-up is done.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"grpc_port: cannot listen on {address} (in use?)")
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer) -> None:
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,205 @@
+"""The REST front door (FastAPI) for operators and quick use, over the same ``Runtime``.
+
+Bodies use the proto3 JSON mapping, exactly as the ``proxmo compute`` CLI reads and writes it.
+Errors are ``{"error": {"code": <gRPC code name>, "message": ..., "field": ...}}`` with the HTTP
+status the error names (422 bad input, 413 over a limit, 429 overloaded, 503 not ready, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import proxmo
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from proxmo.errors import InvalidArgument, LimitExceeded
+from proxmo.server.grpc_service import check_admin_token
+from proxmo.server.runtime import Runtime, new_request_id
+from proxmo.server.status import ErrorStatus, classify
+from proxmo_client.v1 import proxmo_pb2 as pb
+
+TRANSPORT = "http"
+_JSON = "application/json"
+
+
+def _to_json(message: Message) -> str:
+    """A message as the CLI prints it: proto3 JSON, camelCase, every field printed."""
+    return json_format.MessageToJson(message, indent=None,
+                                     always_print_fields_with_no_presence=True)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413, RESOURCE_EXHAUSTED) past ``limit`` bytes without reading on."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise LimitExceeded("body", f"{declared} bytes exceed the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise LimitExceeded("body", f"more than {limit} bytes (the limit)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_response(status: ErrorStatus, request_id: str) -> JSONResponse:
+    return JSONResponse(status.body(request_id), status_code=status.http_status,
+                        headers={"x-request-id": request_id})
+
+
+def _parse_request(body: bytes) -> pb.ComputeAdvantagesRequest:
+    request = pb.ComputeAdvantagesRequest()
+    try:
+        json_format.Parse(body, request)
+    except json_format.ParseError as error:
+        raise InvalidArgument("body", f"not a ComputeAdvantagesRequest: {error}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument("body", "not UTF-8 JSON") from None
+    return request
+
+
+_ADVANTAGES_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A proxmo.v1.ComputeAdvantagesRequest in the proto3 JSON mapping "
+        "(the `proxmo compute` input).",
+        "content": {_JSON: {"schema": {"type": "object"}, "example": {
+            "requestId": "b7c1...",
+            "trajectories": [
+                {"trajectoryId": "t0", "groupId": "g0", "steps": [
+                    {"state": "You are in the kitchen.", "reward": 0.0},
+                    {"state": "You see a mug.", "reward": 1.0}]},
+                {"trajectoryId": "t1", "groupId": "g0", "steps": [
+                    {"state": "You are in the kitchen.", "reward": 0.0}]},
+            ],
+            "config": {"preset": "proxmo"},
+        }}},
+    }
+}
+
+
+def create_app(runtime: Runtime, registry: CollectorRegistry) -> FastAPI:
+    """The FastAPI app; OpenAPI docs at /docs."""
+    app = FastAPI(
+        title="proxmo",
+        version=proxmo.__version__,
+        description="Credit assignment for multi-turn agent RL. Trainers use gRPC "
+        "(proxmo.v1.CreditAssignmentService); this REST side serves operators and quick use.",
+    )
+
+    async def serve(rpc: str, request_id: str, call: Any) -> Response:
+        started = time.monotonic()
+        try:
+            message = await call()
+        except Exception as exc:
+            status = classify(exc, request_id)
+            runtime.finish(transport=TRANSPORT, rpc=rpc, started=started,
+                           request_id=request_id, error=status, exc=exc)
+            return _error_response(status, request_id)
+        runtime.finish(transport=TRANSPORT, rpc=rpc, started=started, request_id=request_id,
+                       response=message if isinstance(message, pb.ComputeAdvantagesResponse)
+                       else None)
+        # A large response takes milliseconds to print: keep it off the event loop.
+        text = await asyncio.to_thread(_to_json, message) if isinstance(
+            message, pb.ComputeAdvantagesResponse) else _to_json(message)
+        return Response(content=text, media_type=_JSON, headers={"x-request-id": request_id})
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        status = classify(InvalidArgument(field, str(first.get("msg", "invalid"))), "")
+        return _error_response(status, new_request_id())
+
+    @app.get("/livez", tags=["health"], summary="Liveness: the process and its loop answer")
+    @app.get("/healthz", tags=["health"], summary="Alias of /livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"],
+             summary="Readiness: warm and not draining (503 otherwise); ?verbose lists checks")
+    async def readyz(verbose: Annotated[str | None, Query()] = None) -> JSONResponse:
+        checks = await runtime.checks()
+        ready = all(c.ok for c in checks)
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready",
+                                "phase": runtime.lifecycle.phase.value}
+        if verbose is not None:
+            body["checks"] = [
+                {"name": c.name, "ok": c.ok, "status": c.status, "detail": c.detail}
+                for c in checks
+            ]
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/advantages", tags=["advantages"], openapi_extra=_ADVANTAGES_BODY,
+              summary="ComputeAdvantages: per-step advantages for one batch")
+    async def advantages(request: Request) -> Response:
+        received = time.monotonic()
+        started = received
+        try:
+            body = await _read_body(request, runtime.settings.max_message_bytes)
+            # Parsing a large batch takes milliseconds: keep it off the event loop.
+            message = await asyncio.to_thread(_parse_request, body)
+        except Exception as exc:
+            request_id = new_request_id()
+            status = classify(exc, request_id)
+            runtime.finish(transport=TRANSPORT, rpc="ComputeAdvantages", started=started,
+                           request_id=request_id, error=status, exc=exc)
+            return _error_response(status, request_id)
+        request_id = message.request_id or new_request_id()
+
+        async def compute() -> pb.ComputeAdvantagesResponse:
+            return await runtime.compute(message, deadline=None, received_at=received,
+                                         wait_for_slot=False)
+
+        return await serve("ComputeAdvantages", request_id, compute)
+
+    @app.get("/v1/tasks", tags=["success rates"],
+             summary="GetSuccessRates: per-task success-rate histories")
+    async def tasks(
+        task_id: Annotated[list[str] | None, Query(description="exact task ids")] = None,
+        prefix: Annotated[str, Query()] = "",
+        page_size: Annotated[int, Query(ge=0)] = 0,
+        page_token: Annotated[str, Query()] = "",
+    ) -> Response:
+        message = pb.GetSuccessRatesRequest(task_ids=task_id or [], prefix=prefix,
+                                            page_size=page_size, page_token=page_token)
+        return await serve("GetSuccessRates", new_request_id(),
+                           lambda: runtime.success_rates(message))
+
+    async def reset(message: pb.ResetSuccessRatesRequest, authorization: str) -> Response:
+        async def call() -> pb.ResetSuccessRatesResponse:
+            check_admin_token(runtime.settings.auth_token, authorization)
+            return await runtime.reset_success_rates(message)
+
+        return await serve("ResetSuccessRates", new_request_id(), call)
+
+    @app.delete("/v1/tasks/{task_id}", tags=["success rates"],
+                summary="ResetSuccessRates: delete one task's history")
+    async def reset_task(task_id: Annotated[str, Path()],
+                         authorization: Annotated[str, Header()] = "") -> Response:
+        return await reset(pb.ResetSuccessRatesRequest(task_ids=[task_id]), authorization)
+
+    @app.delete("/v1/tasks", tags=["success rates"],
+                summary="ResetSuccessRates: delete every task of this server's namespace")
+    async def reset_all(authorization: Annotated[str, Header()] = "") -> Response:
+        return await reset(pb.ResetSuccessRatesRequest(all_tasks=True), authorization)
+
+    @app.get("/v1/info", tags=["server"], summary="GetServerInfo: version, presets, limits")
+    async def info() -> Response:
+        async def call() -> pb.GetServerInfoResponse:
+            return runtime.server_info()
+
+        return await serve("GetServerInfo", new_request_id(), call)
+
+    return app

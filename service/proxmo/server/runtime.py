@@ -1,0 +1,276 @@
+"""What both front doors share: the Engine, the store, readiness, admission, metrics, logs.
+
+The gRPC servicer and the REST app only translate their transport to and from the methods
+here, so that a request means the same thing, is admitted the same way and is logged and
+counted the same way on either door. Nothing is computed here: ``compute`` hands the request
+to ``Engine.compute``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import proxmo
+from proxmo.core.config import Similarity
+from proxmo.engine import Engine
+from proxmo.errors import DeadlineExceeded, InvalidArgument, NotReady
+from proxmo.server.admission import Admission, Lifecycle
+from proxmo.server.config import Settings
+from proxmo.server.metrics import ServerMetrics
+from proxmo.server.status import ErrorStatus
+from proxmo.store.base import SuccessRateStore, TaskRecord
+from proxmo_client.v1 import proxmo_pb2 as pb
+
+log = logging.getLogger("proxmo.server")
+
+_ENUM_SIMILARITY = {
+    Similarity.TFIDF: pb.SIMILARITY_TFIDF,
+    Similarity.ENCODER: pb.SIMILARITY_ENCODER,
+    Similarity.EXACT: pb.SIMILARITY_EXACT,
+    Similarity.PRECOMPUTED: pb.SIMILARITY_PRECOMPUTED,
+}
+
+
+class EmbedderInfo(Protocol):
+    """What the server reads from ``proxmo.encoder.Embedder``."""
+
+    def info(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``/readyz?verbose``."""
+
+    name: str
+    ok: bool          # False makes the server not ready
+    status: str       # "ok", "degraded", "failed", "disabled", "starting", "draining"
+    detail: str
+
+
+def new_request_id() -> str:
+    """An id for logs and error messages of a request that came without one."""
+    return f"srv-{uuid.uuid4().hex}"
+
+
+class Runtime:
+    """The shared request path. One per process, built by ``proxmo.server.app.build``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: SuccessRateStore,
+        metrics: ServerMetrics,
+        git_sha: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.git_sha = git_sha
+        self.lifecycle = Lifecycle()
+        self.admission = Admission(settings.max_concurrency, metrics.inflight)
+        # Attached once the encoder has loaded (seconds on CPU, minutes for a first TensorRT
+        # build): the ports, /livez and health answer meanwhile.
+        self._engine: Engine | None = None
+        self.embedder: EmbedderInfo | None = None
+
+    def attach(self, engine: Engine, embedder: EmbedderInfo | None) -> None:
+        self._engine = engine
+        self.embedder = embedder
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise NotReady("server is starting (loading the encoder), retry shortly")
+        return self._engine
+
+    # --- computing ------------------------------------------------------------------------
+
+    async def compute(
+        self,
+        request: pb.ComputeAdvantagesRequest,
+        *,
+        deadline: float | None,
+        received_at: float,
+        wait_for_slot: bool,
+    ) -> pb.ComputeAdvantagesResponse:
+        """Ready check, admission (refuse at once, or wait when ``wait_for_slot``), deadline
+        check, then ``Engine.compute``. ``deadline``/``received_at`` are time.monotonic()."""
+        self.lifecycle.check_ready()
+        slot = self.admission.waiting_slot() if wait_for_slot else self.admission.unary_slot()
+        async with slot:
+            # Checked again after a possible wait: a stream may have waited past its deadline.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline exceeded before the work started; nothing done")
+            return await self.engine.compute(request, deadline=deadline, received_at=received_at)
+
+    # --- success rates --------------------------------------------------------------------
+
+    async def success_rates(self, request: pb.GetSuccessRatesRequest) -> pb.GetSuccessRatesResponse:
+        """By task ids (unknown ones left out) or one page by prefix."""
+        if request.task_ids:
+            records = await self.store.get(list(request.task_ids))
+            next_token = ""
+        else:
+            records, next_token = await self.store.scan(
+                request.prefix, request.page_size, request.page_token
+            )
+        return pb.GetSuccessRatesResponse(
+            tasks=[task_to_proto(r) for r in records], next_page_token=next_token
+        )
+
+    async def reset_success_rates(
+        self, request: pb.ResetSuccessRatesRequest
+    ) -> pb.ResetSuccessRatesResponse:
+        """Deletes the named tasks, or (``all_tasks``) every task of this namespace."""
+        if request.all_tasks and request.task_ids:
+            raise InvalidArgument("all_tasks", "exclusive with task_ids: give one or the other")
+        if not request.all_tasks and not request.task_ids:
+            raise InvalidArgument("task_ids", "give the task ids to reset, or set all_tasks")
+        for i, task_id in enumerate(request.task_ids):
+            if not task_id:
+                raise InvalidArgument(f"task_ids[{i}]", "must not be empty")
+        targets: Sequence[str] | None = None if request.all_tasks else list(request.task_ids)
+        deleted = await self.store.reset(targets)
+        log.info("success rates reset", extra={"tasks": "all" if targets is None
+                                                else len(targets), "deleted": deleted})
+        return pb.ResetSuccessRatesResponse(deleted=deleted)
+
+    # --- description and readiness --------------------------------------------------------
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        s = self.settings
+        similarities = [pb.SIMILARITY_TFIDF, pb.SIMILARITY_EXACT, pb.SIMILARITY_PRECOMPUTED]
+        if self.embedder is not None:
+            similarities.insert(1, pb.SIMILARITY_ENCODER)
+        return pb.GetServerInfoResponse(
+            version=proxmo.__version__,
+            git_sha=self.git_sha,
+            default_preset="proxmo",
+            presets=self.engine.server_presets(),
+            default_similarity=_ENUM_SIMILARITY[self.engine.default_similarity],
+            similarities=similarities,
+            encoder=self.encoder_info(),
+            limits=pb.Limits(
+                max_message_bytes=s.max_message_bytes,
+                max_trajectories=s.max_trajectories,
+                max_steps_per_trajectory=s.max_steps_per_trajectory,
+                max_total_steps=s.max_total_steps,
+                max_state_chars=s.max_state_chars,
+                max_concurrency=s.max_concurrency,
+                max_embedding_dim=s.max_embedding_dim,
+            ),
+            success_rate_store=self.store.name,
+            success_rate_namespace=self.store.namespace,
+        )
+
+    def encoder_info(self) -> pb.EncoderInfo:
+        if self.embedder is None:
+            return pb.EncoderInfo(backend="none")
+        info = self.embedder.info()
+        return pb.EncoderInfo(
+            model_id=str(info.get("model_id", "")),
+            model_sha256=str(info.get("model_sha256", "")),
+            backend=str(info.get("backend", "")),
+            device=str(info.get("device", "")),
+            dtype=str(info.get("dtype", "")),
+            dimension=int(info.get("dimension", 0)),
+            fallback_reasons=[str(r) for r in info.get("fallback_reasons", [])],
+            ready=bool(info.get("ready", False)),
+        )
+
+    async def checks(self) -> list[Check]:
+        """Readiness checks. The store being down is shown as degraded but keeps the server
+        ready: HISTORY then falls back to the batch estimate (fail-open, visibly)."""
+        phase = self.lifecycle.phase.value
+        checks = [Check("server", self.lifecycle.ready, phase, f"phase {phase}")]
+        if self._engine is None:
+            checks.append(Check("engine", False, "starting", "loading"))
+        else:
+            checks.append(Check("engine", True, "ok", "default similarity "
+                                f"{self._engine.default_similarity.name}"))
+        try:
+            health = await self.store.health()
+            store_status = "ok" if health.ok else "degraded"
+            detail = f"{self.store.name} ({self.store.namespace}): {health.detail}"
+            if health.buffered_updates:
+                detail += f"; {health.buffered_updates} updates buffered"
+        except Exception as exc:  # a broken health probe is a degraded store, not a crash
+            store_status, detail = "degraded", f"{self.store.name}: health check failed: {exc}"
+        checks.append(Check("store", True, store_status, detail))
+        if self._engine is None:
+            checks.append(Check("encoder", False, "starting", "loading"))
+        elif self.embedder is None:
+            checks.append(Check("encoder", True, "disabled", "no encoder loaded"))
+        else:
+            enc = self.encoder_info()
+            checks.append(Check(
+                "encoder", enc.ready, "ok" if enc.ready else "starting",
+                f"{enc.backend} on {enc.device} ({enc.dtype}), {enc.model_id}",
+            ))
+        return checks
+
+    # --- accounting -----------------------------------------------------------------------
+
+    def finish(
+        self,
+        *,
+        transport: str,
+        rpc: str,
+        started: float,
+        request_id: str,
+        response: pb.ComputeAdvantagesResponse | None = None,
+        error: ErrorStatus | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Count, time and log one finished request (answer or error)."""
+        seconds = time.monotonic() - started
+        code = error.code if error is not None else "OK"
+        self.metrics.requests.labels(transport, rpc, code).inc()
+        self.metrics.duration.labels(transport, rpc, code).observe(seconds)
+        fields: dict[str, Any] = {
+            "request_id": request_id, "transport": transport, "rpc": rpc, "code": code,
+            "ms": round(seconds * 1000, 3),
+        }
+        if response is not None:
+            t = response.timing
+            fields.update(
+                request_id=response.request_id,
+                trajectories=len(response.trajectories),
+                groups=len(response.groups),
+                rows=t.num_steps,
+                replayed=response.replayed,
+                queue_ms=round(t.queue_ns / 1e6, 3),
+                featurize_ms=round(t.featurize_ns / 1e6, 3),
+                store_ms=round(t.store_ns / 1e6, 3),
+                compute_ms=round(t.compute_ns / 1e6, 3),
+            )
+        if error is None:
+            log.info("request done", extra=fields)
+            return
+        self.metrics.rejected.labels(error.reject_reason).inc()
+        if error.internal:
+            log.error("request failed: internal error", extra=fields, exc_info=exc)
+        else:
+            log.info("request refused: %s", error.message, extra=fields)
+
+
+def task_to_proto(record: TaskRecord) -> pb.TaskSuccessRate:
+    """A store record as the wire's TaskSuccessRate."""
+    task = pb.TaskSuccessRate(
+        task_id=record.task_id,
+        success_rate=record.success_rate,
+        decayed_successes=record.decayed_successes,
+        decayed_trials=record.decayed_trials,
+        total_successes=record.total_successes,
+        total_trials=record.total_trials,
+        updates=record.updates,
+    )
+    if record.last_update_unix > 0:
+        task.last_update_time.FromNanoseconds(int(record.last_update_unix * 1e9))
+    return task

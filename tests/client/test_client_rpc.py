@@ -1,0 +1,288 @@
+"""The clients against a real gRPC server on loopback: retries, deadlines, metadata, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from proxmo_client import (
+    AsyncProxmoClient,
+    BuildError,
+    DeadlineExceededError,
+    HealthStatus,
+    InvalidArgumentError,
+    ProxmoClient,
+    ProxmoError,
+    ResourceExhaustedError,
+    UnavailableError,
+    advantages_to_rows,
+    build_request,
+    trajectories_from_rows,
+)
+from proxmo_client.v1 import proxmo_pb2 as pb
+from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
+from scripted_server import RunningServer, ScriptedServicer
+
+TRAJECTORIES = [
+    {"trajectory_id": "a", "group_id": "g", "states": ["s0", "s1"], "rewards": [0.0, 1.0]},
+    {"trajectory_id": "b", "group_id": "g", "states": ["s0"], "rewards": [0.5]},
+]
+FAST_RETRY = {"retry_backoff_s": 0.01, "retry_max_backoff_s": 0.02}
+
+
+def test_compute_retries_unavailable_with_the_same_request_id(scripted_server: RunningServer):
+    scripted_server.servicer.unavailable_first = 2
+    with ProxmoClient(scripted_server.target, max_retries=3, **FAST_RETRY) as client:
+        response = client.compute_advantages(TRAJECTORIES, preset="proxmo")
+    ids = [c.request_id for c in scripted_server.servicer.calls]
+    assert len(ids) == 3
+    assert len(set(ids)) == 1
+    assert uuid.UUID(ids[0]).version == 4
+    assert response.request_id == ids[0]
+    assert list(response.trajectories[0].advantages) == [0.0, 11.0]
+
+
+def test_retries_give_up_after_max_retries(scripted_server: RunningServer):
+    scripted_server.servicer.unavailable_first = 10
+    request = build_request(TRAJECTORIES, request_id="fixed-id")
+    with ProxmoClient(scripted_server.target, max_retries=2, **FAST_RETRY) as client:
+        with pytest.raises(UnavailableError) as info:
+            client.compute_advantages(request)
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert "scripted: not ready" in info.value.details
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert [c.request_id for c in scripted_server.servicer.calls] == ["fixed-id"] * 3
+
+
+def test_other_errors_are_not_retried(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_with = grpc.StatusCode.INVALID_ARGUMENT
+    servicer.fail_details = "trajectories[1].steps[0].reward: must be finite"
+    with ProxmoClient(scripted_server.target, max_retries=5, **FAST_RETRY) as client:
+        with pytest.raises(InvalidArgumentError) as info:
+            client.compute_advantages(TRAJECTORIES)
+    assert len(servicer.calls) == 1
+    assert info.value.details == servicer.fail_details
+    assert "trajectories[1].steps[0].reward" in str(info.value)
+
+
+def test_default_deadline_surfaces_as_deadline_exceeded(scripted_server: RunningServer):
+    scripted_server.servicer.delay_s = 2.0
+    start = time.monotonic()
+    with ProxmoClient(scripted_server.target, timeout=0.3) as client:
+        with pytest.raises(DeadlineExceededError) as info:
+            client.server_info()
+    assert time.monotonic() - start < 1.5
+    assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(info.value, ProxmoError)
+
+
+def test_deadline_bounds_the_retries(scripted_server: RunningServer):
+    scripted_server.servicer.unavailable_first = 1000
+    start = time.monotonic()
+    with ProxmoClient(
+        scripted_server.target, timeout=0.5, max_retries=100, retry_backoff_s=0.05
+    ) as client:
+        with pytest.raises(UnavailableError):
+            client.compute_advantages(TRAJECTORIES)
+    assert time.monotonic() - start < 1.5
+    calls = scripted_server.servicer.calls
+    assert 2 <= len(calls) < 100
+    assert len({c.request_id for c in calls}) == 1
+
+
+def test_token_is_sent_as_bearer_metadata(scripted_server: RunningServer):
+    with ProxmoClient(scripted_server.target, token="s3cret") as client:
+        client.compute_advantages(TRAJECTORIES)
+        client.get_success_rates(["t1"])
+    with ProxmoClient(scripted_server.target) as client:
+        client.server_info()
+    first, second, anonymous = scripted_server.servicer.calls
+    assert first.metadata["authorization"] == "Bearer s3cret"
+    assert second.metadata["authorization"] == "Bearer s3cret"
+    assert "authorization" not in anonymous.metadata
+    assert first.metadata["user-agent"].startswith("proxmo-client-python/")
+
+
+def test_request_id_is_kept_and_the_callers_request_is_not_modified(
+    scripted_server: RunningServer,
+):
+    request = build_request(TRAJECTORIES)
+    request.request_id = ""
+    with ProxmoClient(scripted_server.target) as client:
+        filled = client.compute_advantages(request, dry_run=True)
+        explicit = client.compute_advantages(request, request_id="mine")
+    assert request.request_id == "" and not request.dry_run
+    assert filled.request_id and filled.request_id != "mine"
+    assert explicit.request_id == "mine"
+    with pytest.raises(BuildError, match="config"):
+        ProxmoClient(scripted_server.target).compute_advantages(request, gamma=0.5)
+
+
+def test_rows_round_trip_through_a_server(scripted_server: RunningServer):
+    rng = np.random.default_rng(0)
+    traj_of_row = np.repeat(np.arange(6), 4)
+    order = rng.permutation(traj_of_row.size)
+    traj_ids = [f"t{k}" for k in traj_of_row[order]]
+    group_ids = [f"g{k // 3}" for k in traj_of_row[order]]
+    rewards = rng.integers(0, 5, size=order.size).astype(float)
+    trajectories, rows = trajectories_from_rows(group_ids, traj_ids, ["obs"] * order.size, rewards)
+    with ProxmoClient(scripted_server.target) as client:
+        response = client.compute_advantages(trajectories, preset="gigpo")
+    per_row = advantages_to_rows(response, rows)
+    np.testing.assert_array_equal(per_row, rewards * 10 + rows.row_step)
+
+
+def test_stream_fills_request_ids_and_keeps_order(scripted_server: RunningServer):
+    requests = [build_request(TRAJECTORIES, request_id=f"r{i}") for i in range(3)]
+    requests.append(build_request(TRAJECTORIES))
+    requests[-1].request_id = ""
+    with ProxmoClient(scripted_server.target) as client:
+        responses = list(client.stream_advantages(iter(requests)))
+    assert [r.request_id for r in responses[:3]] == ["r0", "r1", "r2"]
+    assert responses[3].request_id
+    assert [c.request_id for c in scripted_server.servicer.calls] == [
+        r.request_id for r in responses
+    ]
+
+
+def test_stream_errors_surface_as_proxmo_error(scripted_server: RunningServer):
+    scripted_server.servicer.fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with ProxmoClient(scripted_server.target) as client:
+        with pytest.raises(ResourceExhaustedError) as info:
+            list(client.stream_advantages([build_request(TRAJECTORIES)]))
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+
+
+def test_health_and_other_rpcs(scripted_server: RunningServer):
+    with ProxmoClient(scripted_server.target) as client:
+        assert client.health() is HealthStatus.SERVING
+        scripted_server.health.set("proxmo.v1.CreditAssignmentService", 2)  # NOT_SERVING
+        assert client.health("proxmo.v1.CreditAssignmentService") is HealthStatus.NOT_SERVING
+        with pytest.raises(ProxmoError) as info:
+            client.health("no.such.Service")
+        assert info.value.code is grpc.StatusCode.NOT_FOUND
+        assert client.server_info().version == "test-0"
+        rates = client.get_success_rates(["x", "y"], prefix="p")
+        assert [t.task_id for t in rates.tasks] == ["x", "y"]
+        assert client.reset_success_rates(["x"]).deleted == 1
+        assert client.reset_success_rates(all_tasks=True).deleted == 7
+        with pytest.raises(BuildError, match="task_ids"):
+            client.reset_success_rates()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING == HealthStatus.NOT_SERVING
+
+
+def test_unreachable_server_is_unavailable_after_retries():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with ProxmoClient(f"127.0.0.1:{port}", max_retries=1, timeout=5, **FAST_RETRY) as client:
+        with pytest.raises(UnavailableError):
+            client.server_info()
+
+
+def test_max_message_bytes_is_applied(scripted_server: RunningServer):
+    big = [{"trajectory_id": "a", "group_id": "g", "states": ["x" * 5000], "rewards": [0.0]}]
+    with ProxmoClient(scripted_server.target, max_message_bytes=1024) as client:
+        with pytest.raises(ResourceExhaustedError):
+            client.compute_advantages(big)
+    assert scripted_server.servicer.calls == []
+
+
+def test_async_client_retries_with_the_same_request_id(scripted_server: RunningServer):
+    scripted_server.servicer.unavailable_first = 2
+
+    async def scenario() -> tuple[pb.ComputeAdvantagesResponse, list[str]]:
+        async with AsyncProxmoClient(
+            scripted_server.target, max_retries=3, token="tok", **FAST_RETRY
+        ) as client:
+            response = await client.compute_advantages(TRAJECTORIES)
+            assert await client.health() is HealthStatus.SERVING
+
+            async def requests():
+                for i in range(2):
+                    yield build_request(TRAJECTORIES, request_id=f"s{i}")
+
+            streamed = [r.request_id async for r in client.stream_advantages(requests())]
+            return response, streamed
+
+    response, streamed = asyncio.run(scenario())
+    compute_calls = [c for c in scripted_server.servicer.calls if c.method == "ComputeAdvantages"]
+    assert len(compute_calls) == 3
+    assert {c.request_id for c in compute_calls} == {response.request_id}
+    assert all(c.metadata["authorization"] == "Bearer tok" for c in compute_calls)
+    assert streamed == ["s0", "s1"]
+
+
+def test_async_deadline(scripted_server: RunningServer):
+    scripted_server.servicer.delay_s = 2.0
+
+    async def scenario() -> None:
+        async with AsyncProxmoClient(scripted_server.target, timeout=0.3) as client:
+            await client.compute_advantages(TRAJECTORIES)
+
+    with pytest.raises(DeadlineExceededError):
+        asyncio.run(scenario())
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path: Path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=proxmo-test", "-addext", "subjectAltName=DNS:proxmo-test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    servicer = ScriptedServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CreditAssignmentServiceServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        with ProxmoClient(
+            f"127.0.0.1:{port}",
+            root_certificates=cert.read_bytes(),
+            tls_server_name="proxmo-test",
+            token="t",
+        ) as client:
+            assert client.server_info().version == "test-0"
+        with ProxmoClient(f"127.0.0.1:{port}", max_retries=0, timeout=5) as plaintext:
+            with pytest.raises(UnavailableError):
+                plaintext.server_info()
+    finally:
+        server.stop(grace=None).wait()
+    assert servicer.calls[0].metadata["authorization"] == "Bearer t"
+
+
+def test_wait_until_serving(scripted_server: RunningServer):
+    scripted_server.health.set("", 2)  # NOT_SERVING: warming up
+    timer = threading.Timer(0.4, scripted_server.health.set, args=("", 1))
+    timer.start()
+    start = time.monotonic()
+    with ProxmoClient(scripted_server.target) as client:
+        client.wait_until_serving(timeout=5, poll_s=0.05)
+        assert 0.3 < time.monotonic() - start < 3
+        scripted_server.health.set("", 2)
+        with pytest.raises(DeadlineExceededError, match="last: NOT_SERVING"):
+            client.wait_until_serving(timeout=0.3, poll_s=0.05)
+    timer.join()
+
+    async def scenario() -> None:
+        async with AsyncProxmoClient(scripted_server.target) as client:
+            with pytest.raises(DeadlineExceededError):
+                await client.wait_until_serving(timeout=0.3, poll_s=0.05)
+            scripted_server.health.set("", 1)
+            await client.wait_until_serving(timeout=2)
+
+    asyncio.run(scenario())

@@ -1,0 +1,1 @@
+"""Engine, conversion and error tests."""
