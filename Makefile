@@ -108,3 +108,7 @@ redis:
 clean:
 	find . -path ./.venv -prune -o -type d -name __pycache__ -print0 | xargs -0 rm -rf
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist $(TOOLS)
+
+# Areas that need targets of their own add a mk/<area>.mk (e.g. mk/trainers.mk); it may use the
+# variables and targets above, so it is included last.
+-include $(wildcard mk/*.mk)

@@ -286,3 +286,20 @@ def test_wait_until_serving(scripted_server: RunningServer):
             await client.wait_until_serving(timeout=2)
 
     asyncio.run(scenario())
+
+
+def test_closing_a_stream_early_cancels_it(scripted_server: RunningServer):
+    def endless():
+        i = 0
+        while True:
+            yield build_request(TRAJECTORIES, request_id=f"e{i}")
+            i += 1
+            time.sleep(0.01)
+
+    with ProxmoClient(scripted_server.target) as client:
+        stream = client.stream_advantages(endless())
+        assert [next(stream).request_id, next(stream).request_id] == ["e0", "e1"]
+        stream.close()
+        seen = len(scripted_server.servicer.calls)
+        time.sleep(0.3)
+    assert len(scripted_server.servicer.calls) <= seen + 2  # the server stopped reading

@@ -78,8 +78,8 @@ def test_micro_batches_do_not_change_embeddings(cpu_backend: TorchBackend) -> No
     )
     assert len(batches) > 5 and all(tok <= 256 or n == 1 for n, tok in batches)
     one_by_one = np.stack([cpu_backend.encode([t])[0] for t in texts[:6]])
-    np.testing.assert_allclose(tiny, whole, atol=2e-6)
-    np.testing.assert_allclose(one_by_one, whole[:6], atol=2e-6)
+    np.testing.assert_allclose(tiny, whole, atol=1e-6)
+    np.testing.assert_allclose(one_by_one, whole[:6], atol=1e-6)
 
 
 def test_plan_micro_batches_covers_each_text_once_within_budget() -> None:

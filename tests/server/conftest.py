@@ -57,8 +57,8 @@ class ServerProcess:
     """One ``proxmo-server`` subprocess; its stderr goes to ``log_path``."""
 
     def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
-                 encoder: bool = False) -> None:
-        self.grpc_port, self.http_port = free_ports(2)
+                 encoder: bool = False, ports: Sequence[int] = ()) -> None:
+        self.grpc_port, self.http_port = ports or free_ports(2)
         self.log_path = log_path
         command = [str(SERVER_BIN), "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                    "--http-port", str(self.http_port), "--compute-threads", "1"]
@@ -145,12 +145,14 @@ StartServer = Callable[..., ServerProcess]
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
-    """``start_server(*args, wait=True, env=None, encoder=False)`` -> a running ServerProcess."""
+    """``start_server(*args, wait=True, env=None, encoder=False, ports=())`` -> a started
+    ServerProcess (ready unless ``wait=False``)."""
     started: list[ServerProcess] = []
 
     def start(*args: str, wait: bool = True, env: dict[str, str] | None = None,
-              encoder: bool = False) -> ServerProcess:
-        server = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env, encoder)
+              encoder: bool = False, ports: Sequence[int] = ()) -> ServerProcess:
+        server = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env, encoder,
+                               ports)
         started.append(server)
         if wait:
             server.wait_ready()

@@ -106,7 +106,7 @@ class StepBatch:
         traj_group: list[int] = []
         success: list[int] = []
         state_index: dict[str, int] = {}
-        key_index: dict[tuple[bool, str | int], int] = {}
+        key_index: dict[str, int] = {}
         lengths: list[int] = []
         reward_parts: list[np.ndarray] = []
         invalid_parts: list[np.ndarray] = []
@@ -166,12 +166,17 @@ class StepBatch:
             invalid_parts.append(np.asarray(traj.invalid, dtype=bool).reshape(n_steps))
             lengths.append(n_steps)
 
+            states = [state_index.setdefault(text, len(state_index)) for text in traj.states]
+            row_state.extend(states)
             keys = traj.state_keys
-            for t, text in enumerate(traj.states):
-                s = state_index.setdefault(text, len(state_index))
-                row_state.append(s)
-                key: tuple[bool, str | int] = (True, keys[t]) if keys and keys[t] else (False, s)
-                row_key.append(key_index.setdefault(key, len(key_index)))
+            if keys is None:
+                row_key.extend(states)
+            else:
+                # keyed rows are coded -1 - key id, shifted past the state ids at the end
+                row_key.extend(
+                    -1 - key_index.setdefault(k, len(key_index)) if k else s
+                    for k, s in zip(keys, states, strict=True)
+                )
 
             if traj.embeddings is None:
                 embedding_parts.append(None)
@@ -227,10 +232,16 @@ class StepBatch:
             trajectory_ids=tuple(t.trajectory_id for t in trajs),
             row_state=np.asarray(row_state, dtype=np.int64),
             states=tuple(state_index),
-            row_key=np.asarray(row_key, dtype=np.int64),
+            row_key=_shift_keys(np.asarray(row_key, dtype=np.int64), len(state_index)),
             embeddings=embeddings,
             row_has_embedding=has_embedding,
         )
+
+
+def _shift_keys(raw: np.ndarray, n_states: int) -> np.ndarray:
+    """Exact-identity ids: a state id for rows without state_key, n_states + key id with one."""
+    shifted: np.ndarray = np.where(raw >= 0, raw, n_states - 1 - raw)
+    return shifted
 
 
 def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:

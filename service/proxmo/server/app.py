@@ -45,6 +45,8 @@ log = logging.getLogger("proxmo.server")
 # What `--similarity auto` means when an encoder is loaded. The one switch between TF-IDF and
 # the sentence encoder as the server default.
 AUTO_SIMILARITY_WITH_ENCODER = Similarity.ENCODER
+# After the drain: seconds left for calls that are not work (health Watch streams) to end.
+_FINAL_GRACE_S = 0.5
 
 
 @dataclass
@@ -239,10 +241,15 @@ async def run(settings: Settings, *, started: asyncio.Event | None = None) -> in
 
     stopped_by = await _first_of(stop.wait(), http_task)
     log.info("draining (%s): in-flight work has %.1f s", stopped_by, settings.grace_period_s)
+    # New work is refused (UNAVAILABLE / 503) from here on; work already admitted finishes.
     runtime.lifecycle.phase = Phase.DRAINING
     await service.health.enter_graceful_shutdown()
     service.http_server.should_exit = True
-    await asyncio.gather(service.grpc_server.stop(settings.grace_period_s), http_task,
+    if not await runtime.wait_idle(settings.grace_period_s):
+        log.warning("grace period over: cancelling the calls still in progress")
+    # Only long-lived calls that are not work (health Watch streams) remain: end them now
+    # instead of letting them hold the exit for the whole grace period.
+    await asyncio.gather(service.grpc_server.stop(_FINAL_GRACE_S), http_task,
                          return_exceptions=True)
     await _close(service)
     log.info("stopped")

@@ -87,7 +87,8 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
         """Run one unary call: count, time and log it; turn exceptions into statuses."""
         started = time.monotonic()
         try:
-            response = await call()
+            with self._rt.call():
+                response = await call()
         except asyncio.CancelledError:
             self._rt.finish(transport=TRANSPORT, rpc=rpc, started=started,
                             request_id=request_id, error=_cancelled_status(context))
@@ -144,40 +145,41 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
             finally:  # end of input, or a failed read: the answers so far go out first
                 queue.put_nowait(None)
 
-        reader = asyncio.create_task(read())
-        pending: list[asyncio.Task[pb.ComputeAdvantagesResponse]] = []
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                index, request_id, received, task = item
-                pending.append(task)
-                try:
-                    response = await task
-                except asyncio.CancelledError:
+        with rt.call():  # the drain waits for the whole stream
+            reader = asyncio.create_task(read())
+            pending: list[asyncio.Task[pb.ComputeAdvantagesResponse]] = []
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is None:
+                        break
+                    index, request_id, received, task = item
+                    pending.append(task)
+                    try:
+                        response = await task
+                    except asyncio.CancelledError:
+                        rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                                  request_id=request_id, error=_cancelled_status(context))
+                        raise
+                    except Exception as exc:
+                        status = in_stream(classify(exc, request_id), index)
+                        rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                                  request_id=request_id, error=status, exc=exc)
+                        await _abort(context, status, request_id)
+                    pending.remove(task)
                     rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
-                              request_id=request_id, error=_cancelled_status(context))
-                    raise
-                except Exception as exc:
-                    status = in_stream(classify(exc, request_id), index)
-                    rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
-                              request_id=request_id, error=status, exc=exc)
-                    await _abort(context, status, request_id)
-                pending.remove(task)
-                rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
-                          request_id=request_id, response=response)
-                yield response
-                stream_slots.release()
-            await reader  # surfaces a failed read (e.g. an undecodable message)
-        finally:
-            reader.cancel()
-            while not queue.empty():
-                item = queue.get_nowait()
-                if item is not None:
-                    pending.append(item[3])
-            for task in pending:
-                task.cancel()
+                              request_id=request_id, response=response)
+                    yield response
+                    stream_slots.release()
+                await reader  # surfaces a failed read (e.g. an undecodable message)
+            finally:
+                reader.cancel()
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if item is not None:
+                        pending.append(item[3])
+                for task in pending:
+                    task.cancel()
 
     async def GetSuccessRates(  # noqa: N802
         self, request: pb.GetSuccessRatesRequest, context: grpc.aio.ServicerContext

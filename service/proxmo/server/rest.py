@@ -97,7 +97,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> FastAPI:
     async def serve(rpc: str, request_id: str, call: Any) -> Response:
         started = time.monotonic()
         try:
-            message = await call()
+            with runtime.call():
+                message = await call()
         except Exception as exc:
             status = classify(exc, request_id)
             runtime.finish(transport=TRANSPORT, rpc=rpc, started=started,

@@ -8,10 +8,12 @@ to ``Engine.compute``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +80,9 @@ class Runtime:
         # build): the ports, /livez and health answer meanwhile.
         self._engine: Engine | None = None
         self.embedder: EmbedderInfo | None = None
+        self._active_calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def attach(self, engine: Engine, embedder: EmbedderInfo | None) -> None:
         self._engine = engine
@@ -88,6 +93,28 @@ class Runtime:
         if self._engine is None:
             raise NotReady("server is starting (loading the encoder), retry shortly")
         return self._engine
+
+    # --- calls in progress (what a drain waits for) ----------------------------------------
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """Marks one service call (unary, stream or REST) in progress."""
+        self._active_calls += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active_calls -= 1
+            if self._active_calls == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no service call is in progress; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     # --- computing ------------------------------------------------------------------------
 

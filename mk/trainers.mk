@@ -1,0 +1,32 @@
+# Trainer integrations (verl plugin, TRL hook): a separate venv, because verl and TRL move
+# transformers under the main venv's sentence-transformers. Include this file at the END of the
+# Makefile (it uses PYTHON, TORCH_PIN, CONSTRAINTS, OFFLINE, STAMP and the `redis` target there).
+#
+#   make trainers-venv   build .venv-trainers: torch (CPU wheel) first, then the client with its
+#                        [verl,trl] extras under the torch pin (stamp keyed on the inputs)
+#   make test-trainers   tests/integrations with .venv-trainers/bin/pytest; the tests start the
+#                        real proxmo-server from .venv
+
+TRAINERS_VENV ?= .venv-trainers
+TRAINERS_PY := $(TRAINERS_VENV)/bin/python
+TRAINERS_KEY := $(shell cat clients/python/pyproject.toml $(CONSTRAINTS) mk/trainers.mk \
+	| sha256sum | cut -c1-16)
+TRAINERS_STAMP := $(TRAINERS_VENV)/.proxmo-trainers-$(TRAINERS_KEY)
+TRAINERS_TESTS ?= tests/integrations
+
+.PHONY: trainers-venv test-trainers
+
+trainers-venv: $(TRAINERS_STAMP)
+
+$(TRAINERS_STAMP):
+	@test -x $(TRAINERS_PY) || $(PYTHON) -m venv $(TRAINERS_VENV)
+	$(TRAINERS_PY) -m pip install --quiet $(TORCH_PIN)
+	$(TRAINERS_PY) -m pip install --quiet -c $(CONSTRAINTS) -e 'clients/python[verl,trl]' \
+		pytest pytest-timeout
+	@$(TRAINERS_PY) -c 'import torch; v = torch.__version__; \
+		assert v.startswith("2.13.0"), f"torch moved to {v}"'
+	@rm -f $(TRAINERS_VENV)/.proxmo-trainers-*
+	@touch $@
+
+test-trainers: $(TRAINERS_STAMP) $(STAMP) redis
+	$(OFFLINE) TRL_EXPERIMENTAL_SILENCE=1 $(TRAINERS_VENV)/bin/pytest $(TRAINERS_TESTS) $(PYTEST_ARGS)
