@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,22 +140,33 @@ async def batch_rows(
         with CpuMeter() as meter:
             result = await embedder.embed_detailed(states)
         target = TARGET_COLD_S if phase == "cold" else TARGET_WARM_S
-        rows.append({
-            "what": f"16x8x50 batch, {phase}", "backend": label, "seconds": meter.seconds,
-            "encoded": result.encoded, "other_cores": meter.other_cores, "target_s": target,
-        })
+        rows.append(
+            {
+                "what": f"16x8x50 batch, {phase}",
+                "backend": label,
+                "seconds": meter.seconds,
+                "encoded": result.encoded,
+                "other_cores": meter.other_cores,
+                "target_s": target,
+            }
+        )
     await embedder.close()
     if redis_ok:
-        shared = EncoderSettings(redis_cache_url=REDIS_URL, redis_cache_ttl_s=600)
+        shared = replace(settings, redis_cache_url=REDIS_URL, redis_cache_ttl_s=600)
         writer, reader = Embedder(backend, shared), Embedder(backend, shared)
         await writer.embed(states)  # fills Redis (and is not timed)
         with CpuMeter() as meter:
             result = await reader.embed_detailed(states)
-        rows.append({
-            "what": "16x8x50 batch, fresh replica (Redis cache)", "backend": label,
-            "seconds": meter.seconds, "encoded": result.encoded,
-            "other_cores": meter.other_cores, "target_s": None,
-        })
+        rows.append(
+            {
+                "what": "16x8x50 batch, fresh replica (Redis cache)",
+                "backend": label,
+                "seconds": meter.seconds,
+                "encoded": result.encoded,
+                "other_cores": meter.other_cores,
+                "target_s": None,
+            }
+        )
         await writer.close()
         await reader.close()
     return rows
@@ -190,9 +202,15 @@ def gpu_rows(
     eager = TorchBackend(model, device="cuda", dtype="float16")
     eager.warmup(max_batch_tokens)
     eager_sps, other = sentences_per_second(eager, texts, repeats, max_batch_tokens)
-    rows.append({"what": "sentences/s", "backend": "torch-cuda float16", "value": eager_sps,
-                 "other_cores": other, "min_cos_vs_fp32": min_cosine(eager, texts[:256],
-                                                                     reference)})
+    rows.append(
+        {
+            "what": "sentences/s",
+            "backend": "torch-cuda float16",
+            "value": eager_sps,
+            "other_cores": other,
+            "min_cos_vs_fp32": min_cosine(eager, texts[:256], reference),
+        }
+    )
     eager.close()
     try:
         from proxmo.encoder.tensorrt_backend import TensorRTBackend
@@ -202,24 +220,36 @@ def gpu_rows(
         build_s = time.perf_counter() - start
         trt.warmup(max_batch_tokens)
     except Exception as e:  # noqa: BLE001 - reported as a row, the bench goes on
-        rows.append({"what": "sentences/s", "backend": "tensorrt float16",
-                     "value": None, "note": f"unavailable: {e}"})
+        rows.append(
+            {
+                "what": "sentences/s",
+                "backend": "tensorrt float16",
+                "value": None,
+                "note": f"unavailable: {e}",
+            }
+        )
         return rows
     trt_sps, other = sentences_per_second(trt, texts, repeats, max_batch_tokens)
-    rows.append({
-        "what": "sentences/s", "backend": "tensorrt float16", "value": trt_sps,
-        "other_cores": other, "min_cos_vs_fp32": min_cosine(trt, texts[:256], reference),
-        "note": f"x{trt_sps / eager_sps:.2f} vs eager fp16 (target >= 1.5); build/load "
-                f"{build_s:.1f} s ({'cached engine' if trt.cache_hit else 'fresh build'})",
-    })
+    rows.append(
+        {
+            "what": "sentences/s",
+            "backend": "tensorrt float16",
+            "value": trt_sps,
+            "other_cores": other,
+            "min_cos_vs_fp32": min_cosine(trt, texts[:256], reference),
+            "note": f"x{trt_sps / eager_sps:.2f} vs eager fp16 (target >= 1.5); build/load "
+            f"{build_s:.1f} s ({'cached engine' if trt.cache_hit else 'fresh build'})",
+        }
+    )
     trt.close()
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--texts", type=int, default=800,
-                        help="distinct texts for the sentences/s rows")
+    parser.add_argument(
+        "--texts", type=int, default=800, help="distinct texts for the sentences/s rows"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: auto")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -238,10 +268,15 @@ def main() -> int:
     load_start = time.perf_counter()
     model = load_model("")
     load_s = time.perf_counter() - load_start
-    rows: list[dict[str, Any]] = [{"what": "model load (sentence-transformers import + weights)",
-                                   "backend": "", "seconds": load_s}]
+    rows: list[dict[str, Any]] = [
+        {
+            "what": "model load (sentence-transformers import + weights)",
+            "backend": "",
+            "seconds": load_s,
+        }
+    ]
     redis_ok = redis_available()
-    settings = EncoderSettings(max_batch_tokens=args.max_batch_tokens)
+    settings = EncoderSettings(max_batch_tokens=args.max_batch_tokens, threads=args.threads)
 
     cpu_backends: list[EncoderBackend] = [TorchBackend(model, device="cpu", dtype="float32")]
     if cpu_has_bf16():
@@ -249,22 +284,28 @@ def main() -> int:
     reference = reference_embeddings(model, texts[:128])
     for backend in cpu_backends:
         sps, other = sentences_per_second(backend, texts, args.repeats, args.max_batch_tokens)
-        rows.append({
-            "what": "sentences/s", "backend": f"{backend.name} {backend.dtype}", "value": sps,
-            "other_cores": other, "min_cos_vs_fp32": min_cosine(backend, texts[:128], reference),
-        })
+        rows.append(
+            {
+                "what": "sentences/s",
+                "backend": f"{backend.name} {backend.dtype}",
+                "value": sps,
+                "other_cores": other,
+                "min_cos_vs_fp32": min_cosine(backend, texts[:128], reference),
+            }
+        )
     for backend in cpu_backends:
         run_states = [f"{s} [{backend.dtype}]" for s in states]
         rows += asyncio.run(batch_rows(backend, run_states, settings, redis_ok))
         if redis_ok:
             delete_cache_keys(backend.model_sha256, run_states)
     if torch.cuda.is_available():
-        rows += gpu_rows(model, states, args.repeats, args.max_batch_tokens,
-                         args.engine_cache_dir)
+        rows += gpu_rows(model, states, args.repeats, args.max_batch_tokens, args.engine_cache_dir)
 
     print(f"\n### Encoder bench: {machine()}\n")
-    print(f"16 x 8 x 50 batch: {len(batch.row_state)} steps, {len(states)} distinct states; "
-          f"sentences/s rows on {len(texts)} of them (best of {args.repeats}).\n")
+    print(
+        f"16 x 8 x 50 batch: {len(batch.row_state)} steps, {len(states)} distinct states; "
+        f"sentences/s rows on {len(texts)} of them (best of {args.repeats}).\n"
+    )
     print("| what | backend | result | target | other cores | min cos vs fp32 | note |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -280,8 +321,10 @@ def main() -> int:
                 target += " ok" if row["seconds"] <= row["target_s"] else " MISSED"
         other = f"{row['other_cores']:.2f}" if "other_cores" in row else ""
         cos = f"{row['min_cos_vs_fp32']:.6f}" if "min_cos_vs_fp32" in row else ""
-        print(f"| {row['what']} | {row['backend']} | {result} | {target} | {other} | {cos} "
-              f"| {row.get('note', '')} |")
+        print(
+            f"| {row['what']} | {row['backend']} | {result} | {target} | {other} | {cos} "
+            f"| {row.get('note', '')} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     return 0

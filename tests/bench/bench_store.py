@@ -62,8 +62,7 @@ async def timed_concurrent(
 
 def apply_call(store: SuccessRateStore, run_id: str) -> Callable[[int], Awaitable[object]]:
     async def call(i: int) -> object:
-        result = await store.apply(f"{run_id}-{i}", batch(i), half_life=8, prior=0,
-                                   dry_run=False)
+        result = await store.apply(f"{run_id}-{i}", batch(i), half_life=8, prior=0, dry_run=False)
         assert not result.degraded and not result.replayed
         return result
 
@@ -73,8 +72,10 @@ def apply_call(store: SuccessRateStore, run_id: str) -> Callable[[int], Awaitabl
 def row(name: str, samples: list[float], rate: float) -> str:
     ms = sorted(s * 1000 for s in samples)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
-    return (f"| {name} | {statistics.median(ms):.3f} | {p99:.3f} | {statistics.fmean(ms):.3f} "
-            f"| {rate:,.0f} |")
+    return (
+        f"| {name} | {statistics.median(ms):.3f} | {p99:.3f} | {statistics.fmean(ms):.3f} "
+        f"| {rate:,.0f} |"
+    )
 
 
 async def main(redis_url: str, batches: int) -> None:
@@ -87,8 +88,12 @@ async def main(redis_url: str, batches: int) -> None:
     store = RedisStore(redis_url, namespace=namespace, timeout_s=1.0)
     try:
         rows.append(row("redis apply", *await timed_sequential(apply_call(store, "s"), batches)))
-        rows.append(row(f"redis apply x{GROUPS} concurrent",
-                        *await timed_concurrent(apply_call(store, "c"), batches, GROUPS)))
+        rows.append(
+            row(
+                f"redis apply x{GROUPS} concurrent",
+                *await timed_concurrent(apply_call(store, "c"), batches, GROUPS),
+            )
+        )
         ids = [u.task_id for u in batch(0)]
 
         async def get(_: int) -> object:
@@ -103,8 +108,10 @@ async def main(redis_url: str, batches: int) -> None:
             client.delete(*keys)
         client.close()
 
-    print(f"success-rate store, {GROUPS} groups (16 tasks) per batch, {batches} batches, "
-          f"Redis at {redis_url}")
+    print(
+        f"success-rate store, {GROUPS} groups (16 tasks) per batch, {batches} batches, "
+        f"Redis at {redis_url}"
+    )
     print()
     print("| operation | median ms | p99 ms | mean ms | per second |")
     print("|---|---:|---:|---:|---:|")

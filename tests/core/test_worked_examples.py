@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from proxmo.core import (
+    PRESETS,
     Scope,
     Similarity,
     StepBatch,
@@ -14,9 +15,13 @@ from proxmo.core import (
     decay,
     dense_features,
     discounted_returns,
+    group_success_rates,
     psc_weights,
+    required_features,
     resolve_config,
+    task_batch_counts,
     tfidf_features,
+    uses_history,
 )
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -495,3 +500,46 @@ def test_encoder_default_tau() -> None:
     assert resolve_config("proxmo").tau == 0.1
     assert resolve_config("paper", {"similarity": "ENCODER"}).tau == 0.1  # the preset sets it
     assert resolve_config("gigpo", {"tau": 0.3}).tau == 0.3
+
+
+def test_task_batch_counts_and_group_rates() -> None:
+    trajs = [
+        traj("a", "g1", ["s"], [1.0], task_id="task"),
+        traj("b", "g1", ["s"], [0.0], task_id="task"),
+        traj("c", "g2", ["s"], [0.0], task_id="other"),
+        traj("d", "g3", ["s"], [0.0], task_id="task", success=True),
+    ]
+    batch = StepBatch.from_trajectories(trajs)
+    cfg = resolve_config("proxmo")
+    task_ids, successes, trials = task_batch_counts(batch, cfg)
+    assert task_ids == ["task", "other"]
+    assert successes.tolist() == [2, 0] and trials.tolist() == [3, 1]
+    rates = group_success_rates(batch, {"task": 0.25, "other": 0.5})
+    assert rates.tolist() == [0.25, 0.5, 0.25]
+
+
+def test_uses_history_and_required_features() -> None:
+    assert uses_history(resolve_config("proxmo"))
+    assert not uses_history(resolve_config("paper"))
+    assert not uses_history(
+        resolve_config("grpo", {"psc_enabled": True, "success_rate_source": "HISTORY"})
+    )
+    assert uses_history(
+        resolve_config("gigpo", {"psc_enabled": True, "success_rate_source": "HISTORY"})
+    )
+    assert required_features(resolve_config("paper")) is Similarity.TFIDF
+    encoder = resolve_config("proxmo", default_similarity=Similarity.ENCODER)
+    assert required_features(encoder) is Similarity.ENCODER
+    assert required_features(resolve_config("gigpo", {"similarity": "TFIDF"})) is None
+    assert required_features(resolve_config("paper", {"similarity": "EXACT"})) is None
+
+
+def test_every_preset_resolves_every_field() -> None:
+    for name, spec in PRESETS.items():
+        assert spec.description
+        cfg = resolve_config(name)
+        assert cfg.preset == name
+        assert all(getattr(cfg, f) is not None for f in cfg.__dataclass_fields__)
+    assert resolve_config("").preset == "proxmo"
+    # explicit fields override the preset
+    assert resolve_config("gigpo", {"gamma": 0.5, "stats_unit": "TRAJECTORY"}).gamma == 0.5

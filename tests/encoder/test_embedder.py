@@ -24,7 +24,7 @@ from proxmo.encoder.embedder import REDIS_KEY_PREFIX, text_hash
 from proxmo.encoder.torch_backend import TorchBackend
 
 from .alfworld_states import alfworld_groups
-from .conftest import delete_keys, run
+from .conftest import TEST_THREADS, delete_keys, run
 
 # Embeddings of one text computed in batches of different shapes differ by float32 rounding
 # only (measured: <= 1.6e-7 per component) ...
@@ -70,6 +70,7 @@ def plain_path(backend: TorchBackend, batch: StepBatch) -> np.ndarray:
 
 def make(backend: TorchBackend, **settings: Any) -> tuple[Embedder, CollectorRegistry]:
     registry = CollectorRegistry()
+    settings.setdefault("threads", TEST_THREADS)
     return Embedder(backend, EncoderSettings(**settings), registry=registry), registry
 
 

@@ -134,6 +134,7 @@ def advantages(response: pb.ComputeAdvantagesResponse) -> np.ndarray:
     return np.array([a for t in response.trajectories for a in t.advantages])
 
 
+@pytest.mark.slow
 def test_encoder_similarity_and_shared_cache_across_two_servers(
     two_servers: tuple[Server, Server, str], redis_url: str, nonce: str
 ) -> None:

@@ -1,6 +1,6 @@
 """Real servers for the server tests: ``proxmo-server`` subprocesses on free ports.
 
-``server`` is one module-scoped server with default settings except ``--encoder-backend none``
+``server`` is one session-wide server with default settings except ``--encoder-backend none``
 (loading torch costs seconds; the encoder has its own module). ``start_server(...)`` starts
 extra servers with special settings and stops them after the test.
 """
@@ -163,9 +163,9 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One default server (no encoder) per test module."""
+    """One default server (no encoder) for the whole session; tests use unique ids."""
     proc = ServerProcess([], tmp_path_factory.mktemp("server") / "server.log")
     try:
         proc.wait_ready()

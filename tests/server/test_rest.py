@@ -131,3 +131,16 @@ def test_openapi_docs_are_served(server: ServerProcess) -> None:
     for path in ("/livez", "/readyz", "/metrics", "/v1/advantages", "/v1/tasks",
                  "/v1/tasks/{task_id}", "/v1/info"):
         assert path in spec["paths"], path
+
+
+def test_redis_down_is_degraded_but_ready(start_server: StartServer) -> None:
+    # Nothing listens on port 1: the store is unreachable from the start (fail-open).
+    proc = start_server("--redis-url", "redis://127.0.0.1:1/0")
+    verbose = httpx.get(f"{proc.http_url}/readyz?verbose", timeout=5)
+    assert verbose.status_code == 200
+    store = next(c for c in verbose.json()["checks"] if c["name"] == "store")
+    assert store["status"] == "degraded" and store["ok"] is True
+    response = proc.stub.ComputeAdvantages(make_request(), timeout=30)
+    assert all(g.success_rate_fallback for g in response.groups)
+    assert all(g.success_rate_source == pb.SUCCESS_RATE_SOURCE_BATCH for g in response.groups)
+    assert proc.metric("proxmo_success_rate_source_total", source="batch_fallback") >= 2

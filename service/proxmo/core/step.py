@@ -73,88 +73,33 @@ def _units(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return unique, inverse, np.bincount(inverse, minlength=unique.shape[0])
 
 
-@dataclass(frozen=True)
-class _Kernel:
-    """Per-unit kernel sums over the unit's candidates v (E_uv = exp((S_uv - max_v S_uv)/tau)):
-    weighted = sum_v E_uv Gsum_v, weight = sum_v E_uv c_v, square = sum_v E_uv^2 c_v."""
-
-    weighted: np.ndarray
-    weight: np.ndarray
-    square: np.ndarray
-
-
-def _dense_kernel(
-    matrix: np.ndarray,
+def _kernel_sums(
+    matrix: FeatureMatrix,
     unit_feature: np.ndarray,
     unit_block: np.ndarray,
     gsum: np.ndarray,
     count: np.ndarray,
     tau: float,
-) -> _Kernel:
-    """Dense features: one m_b x m_b gram per block of units (units sorted by block)."""
-    vectors = np.asarray(matrix, dtype=np.float64)[unit_feature]
-    n_units = unit_feature.shape[0]
-    out = _Kernel(np.empty(n_units), np.empty(n_units), np.empty(n_units))
-    bounds = np.flatnonzero(np.diff(unit_block, prepend=-1, append=-1))
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        block = vectors[lo:hi]
-        sims = block @ block.T
-        kernel = np.exp((sims - sims.max(axis=1, keepdims=True)) / tau)
-        out.weighted[lo:hi] = kernel @ gsum[lo:hi]
-        out.weight[lo:hi] = kernel @ count[lo:hi]
-        out.square[lo:hi] = (kernel * kernel) @ count[lo:hi]
-    return out
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per unit u, over the units v of its block (units sorted by block), with
+    E_uv = exp((S_uv - max_v S_uv) / tau): (E @ Gsum, E @ c, E^2 @ c).
 
-
-def _sparse_kernel(
-    matrix: sp.csr_matrix | sp.csr_array,
-    unit_feature: np.ndarray,
-    unit_block: np.ndarray,
-    gsum: np.ndarray,
-    count: np.ndarray,
-    tau: float,
-) -> _Kernel:
-    """Sparse non-negative features (TF-IDF), all blocks in one sparse product.
-
-    Shifting each unit's columns by block * d makes X' X'^T block-diagonal: exactly the
-    within-block similarities, sum_b m_b^2 entries at most, one single-threaded csr product.
-    Pairs sharing no term are implicit zeros: S_uv = 0, so E_uv = z_u = exp(-max_u / tau);
-    they are added back through the block totals:
-        sum_v E_uv x_v = sum_explicit (E_uv - z_u) x_v + z_u * sum_{v in block} x_v.
+    One m_b x m_b gram per block. Sparse blocks multiply with scipy's single-threaded csr
+    product: tiny BLAS gemms thread badly on a busy machine and TF-IDF rows are very sparse.
     """
-    rows = sp.csr_matrix(matrix)[unit_feature]
-    rows.sum_duplicates()
-    n_units, dim = rows.shape
-    entry_unit = np.repeat(np.arange(n_units), np.diff(rows.indptr))
-    shifted = sp.csr_matrix(
-        (rows.data, rows.indices + unit_block[entry_unit] * dim, rows.indptr),
-        shape=(n_units, (int(unit_block.max()) + 1) * dim),
-    )
-    sims = sp.csr_matrix(shifted @ shifted.T)
-    sims.sum_duplicates()
-    per_row = np.diff(sims.indptr)
-    row_of = np.repeat(np.arange(n_units), per_row)
-    block_size = np.bincount(unit_block)[unit_block]
-    # max over the block's candidates: explicit entries, and 0 where an implicit zero exists
-    row_max = np.zeros(n_units)
-    has_entries = per_row > 0
-    row_max[has_entries] = np.maximum.reduceat(sims.data, sims.indptr[:-1][has_entries])
-    row_max = np.where(per_row < block_size, np.maximum(row_max, 0.0), row_max)
-    implicit = np.exp(-row_max / tau)
-    explicit = np.exp((sims.data - row_max[row_of]) / tau)
-    gain = explicit - implicit[row_of]
-    gain_sq = explicit * explicit - implicit[row_of] ** 2
-    columns = sims.indices
-    block_gsum = np.bincount(unit_block, weights=gsum)[unit_block]
-    block_count = np.bincount(unit_block, weights=count)[unit_block]
-    return _Kernel(
-        np.bincount(row_of, weights=gain * gsum[columns], minlength=n_units)
-        + implicit * block_gsum,
-        np.bincount(row_of, weights=gain * count[columns], minlength=n_units)
-        + implicit * block_count,
-        np.bincount(row_of, weights=gain_sq * count[columns], minlength=n_units)
-        + implicit**2 * block_count,
-    )
+    vectors = matrix[unit_feature]
+    sparse = sp.issparse(vectors)
+    n_units = unit_feature.shape[0]
+    weighted, weight, square = np.empty(n_units), np.empty(n_units), np.empty(n_units)
+    bounds = np.flatnonzero(np.diff(unit_block, prepend=-1, append=-1)).tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        block = vectors[lo:hi]
+        sims = np.asarray((block @ block.T).toarray() if sparse else block @ block.T)
+        kernel = np.exp((sims - sims.max(axis=1, keepdims=True)) / tau)
+        weighted[lo:hi] = kernel @ gsum[lo:hi]
+        weight[lo:hi] = kernel @ count[lo:hi]
+        square[lo:hi] = (kernel * kernel) @ count[lo:hi]
+    return weighted, weight, square
 
 
 def soft_aggregation(
@@ -176,8 +121,7 @@ def soft_aggregation(
             = (E @ c)_u^2 / (E^2 @ c)_u.
 
     Returns (A^S, effective neighbours), both float64[n_rows]. Cost O(sum_b m_b^2 d), memory
-    O(sum_b m_b^2): never the batch x batch matrix. Sparse features must be non-negative
-    (TF-IDF); dense features (encoder, client embeddings) may be any real vectors.
+    O(max_b m_b^2): never the batch x batch matrix.
     """
     n_feature_rows = int(features.matrix.shape[0])
     index = features.row_index
@@ -191,10 +135,11 @@ def soft_aggregation(
     unit_block = _units(unit_keys // n_feature_rows)[1]  # dense block ids, units sorted by block
     gsum = np.bincount(row_unit, weights=returns, minlength=unit_keys.shape[0])
     count = unit_count.astype(np.float64)
-    build = _sparse_kernel if sp.issparse(features.matrix) else _dense_kernel
-    kernel = build(features.matrix, unit_feature, unit_block, gsum, count, tau)  # type: ignore[arg-type]
-    baseline = kernel.weighted / kernel.weight
-    effective = kernel.weight * kernel.weight / kernel.square
+    weighted, weight, square = _kernel_sums(
+        features.matrix, unit_feature, unit_block, gsum, count, tau
+    )
+    baseline = weighted / weight
+    effective = weight * weight / square
     return returns - baseline[row_unit], effective[row_unit]
 
 

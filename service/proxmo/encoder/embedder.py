@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from .base import PROBE_TEXTS, BackendUnavailable, EncoderBackend
 from .chain import select_backend
 from .settings import EncoderSettings
+from .torch_backend import choose_cpu_threads
 
 log = logging.getLogger("proxmo.encoder")
 
@@ -160,11 +161,11 @@ class SharedEmbeddingCache:
             op, type(error).__name__, error, REDIS_BACKOFF_S,
         )
 
-    def decode(self, raw: bytes | None) -> np.ndarray | None:
+    def decode(self, raw: bytes | str | None) -> np.ndarray | None:
         """fp16 bytes -> float32 unit vector; anything malformed counts as a miss."""
         if raw is None:
             return None
-        if len(raw) != 2 * self._dimension:
+        if not isinstance(raw, bytes) or len(raw) != 2 * self._dimension:
             self._metrics.cache_errors.labels(op="decode").inc()
             return None
         vector = np.frombuffer(raw, dtype="<f2").astype(np.float32)
@@ -213,16 +214,15 @@ class _Batcher:
     """Collects concurrent callers' texts and runs the backend on one worker thread."""
 
     def __init__(
-        self, backend: EncoderBackend, *, max_batch_tokens: int, metrics: EncoderMetrics,
-        max_wait_s: float = MAX_WAIT_S,
+        self, backend: EncoderBackend, *, max_batch_tokens: int, threads: int,
+        metrics: EncoderMetrics, max_wait_s: float = MAX_WAIT_S,
     ) -> None:
         self._backend = backend
         self._max_batch_tokens = max_batch_tokens
         self._metrics = metrics
         self._max_wait_s = max_wait_s
-        threads = torch.get_num_threads()
         # One thread: the backend is not re-entrant, and torch parallelizes inside each batch.
-        # The initializer repeats the thread count chosen at start-up for this thread.
+        # torch's thread count is per OS thread once set, so the worker sets its own.
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="proxmo-encoder",
             initializer=torch.set_num_threads, initargs=(threads,),
@@ -267,18 +267,18 @@ class _Batcher:
                 self._wakeup.clear()
             if not jobs:
                 continue
-            unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
             try:
+                unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
                 vectors = await loop.run_in_executor(self._executor, self._encode, unique)
+                row = {text: i for i, text in enumerate(unique)}
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_result(vectors[[row[t] for t in job.texts]])
             except Exception as e:  # noqa: BLE001 - handed to the callers, the worker lives on
+                log.exception("encoder batch of %d calls failed", len(jobs))
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
-                continue
-            row = {text: i for i, text in enumerate(unique)}
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_result(vectors[[row[t] for t in job.texts]])
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._backend.encode(
@@ -349,7 +349,8 @@ class Embedder:
             else None
         )
         self._batcher = _Batcher(
-            backend, max_batch_tokens=settings.max_batch_tokens, metrics=self.metrics
+            backend, max_batch_tokens=settings.max_batch_tokens,
+            threads=choose_cpu_threads(settings.threads), metrics=self.metrics,
         )
         self._info = _Info(fallback_reasons=[str(f) for f in fallbacks])
         for failure in fallbacks:
@@ -425,7 +426,8 @@ class Embedder:
             self.metrics.cache_misses.inc(len(missing))
 
         dim = self.backend.dimension
-        table = np.stack(found).astype(np.float64) if distinct else np.empty((0, dim))
+        vectors_found = [v for v in found if v is not None]  # every entry is filled by now
+        table = np.stack(vectors_found).astype(np.float64) if distinct else np.empty((0, dim))
         table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
         rows = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
         return EmbedResult(

@@ -90,7 +90,7 @@ def load_model(model_path: str) -> LoadedModel:
         st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a configuration error here
         raise ModelLoadError(f"encoder.model_path: cannot load {str(path)!r}: {e}") from e
-    modules = list(st)
+    modules: list[Any] = list(st)
     transformer, pooling = modules[0], modules[1] if len(modules) > 1 else None
     pooling_mode = "mean"
     if pooling is not None and hasattr(pooling, "get_config_dict"):
@@ -108,7 +108,7 @@ def load_model(model_path: str) -> LoadedModel:
         path=path,
         transformer=hf_model,
         tokenizer=transformer.tokenizer,
-        max_seq_length=int(st.max_seq_length),
+        max_seq_length=int(st.max_seq_length or 512),
         pooling_mode=pooling_mode,
         do_lower_case=bool(getattr(transformer, "do_lower_case", False)),
         dimension=dimension,

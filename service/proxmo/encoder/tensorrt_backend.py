@@ -259,7 +259,7 @@ class TensorRTBackend(EncoderBackend):
             out = self._module(ids, mask)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            return out.float().cpu().numpy()
+            return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
 
     def warmup_shapes(self, max_batch_tokens: int) -> list[tuple[int, int]]:
         return gpu_warmup_shapes(

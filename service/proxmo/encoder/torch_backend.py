@@ -113,7 +113,7 @@ class TorchBackend(EncoderBackend):
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
             mask = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
-            return self._pipeline(ids, mask).cpu().numpy()
+            return np.asarray(self._pipeline(ids, mask).cpu().numpy(), dtype=np.float32)
 
     def warmup_shapes(self, max_batch_tokens: int) -> list[tuple[int, int]]:
         if self._device.type != "cuda":

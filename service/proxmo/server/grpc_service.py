@@ -240,8 +240,9 @@ async def build_grpc_server(
     bound to ``host:grpc_port`` and not yet started."""
     settings = runtime.settings
     server = grpc.aio.server(options=server_options(settings.max_message_bytes))
-    pb_grpc.add_CreditAssignmentServiceServicer_to_server(CreditAssignmentServicer(runtime),
-                                                          server)
+    pb_grpc.add_CreditAssignmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        CreditAssignmentServicer(runtime), server
+    )
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with {"": SERVING}; nothing is served before the warm-up is done.
     for name in ("", SERVICE_NAME):

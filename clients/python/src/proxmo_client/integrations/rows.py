@@ -52,6 +52,7 @@ from proxmo_client.v1 import proxmo_pb2 as pb
 __all__ = [
     "RowPlan",
     "advantages_for_rows",
+    "derive_step_index",
     "rows_to_request",
     "token_advantages_for_rows",
 ]
@@ -136,20 +137,21 @@ def rows_to_request(
         identity = row_keys
 
     kept, row_unique = _find_copies(traj_column, identity, columns)
-    unique_columns = {
-        name: None if column is None else [column[r] for r in kept]
-        for name, column in columns.items()
-    }
+
+    def kept_only(name: str) -> list[Any] | None:
+        column = columns[name]
+        return None if column is None else [column[r] for r in kept]
+
     try:
         trajectories, bookkeeping = trajectories_from_rows(
-            unique_columns["group_ids"],
+            [columns["group_ids"][r] for r in kept],
             [traj_column[r] for r in kept],
-            unique_columns["states"],
-            unique_columns["rewards"],
-            invalid=unique_columns["invalid"],
-            task_ids=unique_columns["task_ids"],
-            success=unique_columns["success"],
-            state_keys=unique_columns["state_keys"],
+            [columns["states"][r] for r in kept],
+            [columns["rewards"][r] for r in kept],
+            invalid=kept_only("invalid"),
+            task_ids=kept_only("task_ids"),
+            success=kept_only("success"),
+            state_keys=kept_only("state_keys"),
             step_index=None if steps is None else steps[kept],
         )
     except BuildError as e:  # it saw only the kept rows: name the caller's row index
@@ -180,8 +182,37 @@ def token_advantages_for_rows(
 ) -> Any:
     """``advantages_for_rows(...)[r] * response_mask[r, j]``: ``[rows, tokens]``, in the mask's
     container (numpy array or torch tensor) and, for a tensor, on its device."""
-    return to_token_advantages(advantages_for_rows(response, plan, field), response_mask,
-                               dtype=dtype)
+    return to_token_advantages(
+        advantages_for_rows(response, plan, field), response_mask, dtype=dtype
+    )
+
+
+def derive_step_index(
+    trajectory_ids: Sequence[Any] | npt.ArrayLike, row_keys: Sequence[Hashable] | None = None
+) -> npt.NDArray[np.int64]:
+    """Each row's 0-based step within its trajectory, from the current row order.
+
+    For rows still in time order (before a trainer reorders them): step t of a trajectory is its
+    t-th distinct row. With ``row_keys``, a row whose key already appeared in its trajectory is a
+    copy and gets the original's index. Store the result as the rows' ``step_index`` before any
+    reordering.
+    """
+    trajectories = _as_column(trajectory_ids, "trajectory_ids")
+    num_rows = len(trajectories)
+    if row_keys is not None and len(row_keys) != num_rows:
+        raise BuildError("row_keys", f"has {len(row_keys)} entries, expected {num_rows}")
+    seen: dict[tuple[str, Hashable], int] = {}
+    next_step: dict[str, int] = {}
+    steps = np.empty(num_rows, dtype=np.int64)
+    for r in range(num_rows):
+        tid = str(trajectories[r])
+        key = (tid, r if row_keys is None else row_keys[r])
+        step = seen.get(key)
+        if step is None:
+            step = seen[key] = next_step.get(tid, 0)
+            next_step[tid] = step + 1
+        steps[r] = step
+    return steps
 
 
 # ------------------------------------------------------------------- helpers
@@ -191,7 +222,7 @@ def _as_column(value: Any, where: str) -> Any:
     """One entry per row: a list or 1-D array (torch tensors become numpy arrays)."""
     if value is None:
         return None
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (torch not imported)
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         if value.ndim != 1:
@@ -208,7 +239,7 @@ def _in_input_rows(error: BuildError, kept: npt.NDArray[np.int64]) -> BuildError
     if match is None or int(match.group(2)) >= kept.shape[0]:
         return error
     row = int(kept[int(match.group(2))])
-    return BuildError(f"{match.group(1)}[{row}]{error.field[match.end():]}", error.message)
+    return BuildError(f"{match.group(1)}[{row}]{error.field[match.end() :]}", error.message)
 
 
 def _find_copies(
