@@ -31,6 +31,17 @@ class ProxmoError(Exception):
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (compute workers): rebuild from field and message,
+        # whatever the subclass's own __init__ takes.
+        return _rebuild, (type(self), self.field, self.message)
+
+
+def _rebuild(cls: type[ProxmoError], field: str, message: str) -> ProxmoError:
+    error = cls.__new__(cls)
+    ProxmoError.__init__(error, field, message)
+    return error
+
 
 class InvalidArgument(ProxmoError):
     """The request is malformed: a bad value, a missing value, inconsistent fields."""

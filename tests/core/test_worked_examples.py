@@ -19,6 +19,7 @@ from proxmo.core import (
     psc_weights,
     required_features,
     resolve_config,
+    success_rate,
     task_batch_counts,
     tfidf_features,
     uses_history,
@@ -473,11 +474,12 @@ def test_empty_tfidf_vocabulary_gives_zero_step_term() -> None:
 def test_history_math() -> None:
     assert decay(1.0) == 0.5
     assert decay(8.0) == pytest.approx(0.5 ** (1 / 8))
-    # no history: the BATCH estimate, whatever the prior (ALGORITHM.md)
     assert apply_update(None, 3, 8, rho=decay(8.0), prior=1.0) == (3.0, 8.0, 3 / 8)
     s, n, p = apply_update((4.0, 8.0), 1, 8, rho=decay(1.0), prior=0.0)
     assert (s, n, p) == (3.0, 12.0, 0.25)
-    assert apply_update((4.0, 8.0), 1, 8, rho=decay(1.0), prior=1.0)[2] == pytest.approx(4 / 14)
+    assert apply_update((4.0, 8.0), 1, 8, rho=0.5, prior=1.0)[2] == pytest.approx(4 / 14)
+    assert success_rate(3.0, 12.0, 1.0) == pytest.approx(4 / 14)
+    assert np.isnan(success_rate(0.0, 0.0, 0.0))
 
 
 def test_history_rates_drive_psc() -> None:

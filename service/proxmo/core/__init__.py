@@ -28,7 +28,13 @@ from proxmo.core.estimators import (
     GroupDiagnostics,
     compute_advantages,
 )
-from proxmo.core.history import apply_update, decay, group_success_rates, task_batch_counts
+from proxmo.core.history import (
+    apply_update,
+    decay,
+    group_success_rates,
+    success_rate,
+    task_batch_counts,
+)
 from proxmo.core.returns import discounted_returns
 from proxmo.core.step import StateFeatures, dense_features, precomputed_features
 from proxmo.core.tfidf import tfidf_features
@@ -67,6 +73,7 @@ __all__ = [
     "psc_weights",
     "required_features",
     "resolve_config",
+    "success_rate",
     "task_batch_counts",
     "tfidf_features",
     "uses_history",

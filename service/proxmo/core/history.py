@@ -38,18 +38,18 @@ def apply_update(
     rho: float,
     prior: float,
 ) -> tuple[float, float, float]:
-    """One update of a task's history; returns (S', N', p).
+    """One update of a task's history with rho = decay(half_life); returns (S', N', p).
 
     S' = rho * S + S_b, N' = rho * N + N_b, p = (S' + a) / (N' + a + b) with a = b = prior.
-    With no history (`previous` None) S' = S_b, N' = N_b and p is the BATCH estimate S_b / N_b,
-    as ALGORITHM.md says (the prior only shrinks estimates that have a history behind them).
-    Every store runs exactly these operations (the Redis store in Lua), so all agree bit for bit.
+    With no history (`previous` None) S' = S_b, N' = N_b and p is the batch estimate S_b / N_b
+    (the prior only shrinks estimates that have a history behind them). The Redis store's Lua
+    script performs the same float operations in the same order.
     """
     if previous is None:
         return float(successes), float(trials), float(successes) / float(trials)
     s_new = rho * previous[0] + successes
     n_new = rho * previous[1] + trials
-    return s_new, n_new, success_rate(s_new, n_new, prior)
+    return s_new, n_new, (s_new + prior) / (n_new + 2.0 * prior)
 
 
 def task_batch_counts(
