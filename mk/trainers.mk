@@ -30,3 +30,6 @@ $(TRAINERS_STAMP):
 
 test-trainers: $(TRAINERS_STAMP) $(STAMP) redis
 	$(OFFLINE) TRL_EXPERIMENTAL_SILENCE=1 $(TRAINERS_VENV)/bin/pytest $(TRAINERS_TESTS) $(PYTEST_ARGS)
+
+# `make test` runs the trainer integrations first (their own venv), then the main suite.
+test: test-trainers
