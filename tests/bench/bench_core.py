@@ -10,9 +10,10 @@ the masked batch x batch similarity softmax for PSA, pairwise state equality for
 naive path computes its n x n matrices in blocks of rows so that 64 groups fit in memory; its
 time is still O(n^2). Each naive result is checked against the core (1e-6).
 
-Prints a markdown table: median ms, rows/s, naive ms (median of 3 at 16 groups, one run at 64:
-it takes seconds), ratio naive/core, and peak memory (tracemalloc, measured in a separate
-untimed run), then the 64/16 scaling of the core's time and memory.
+Prints a markdown table: median ms (rounds interleave the presets), rows/s, naive ms (median
+of 3 at 16 groups, one run at 64: it takes seconds), ratio naive/core, and peak memory
+(tracemalloc, measured in a separate untimed run), then the 64/16 scaling of the core's time
+and memory.
 The `proxmo` preset runs with TFIDF (the encoder is not part of the core) and with fixed
 HISTORY rates standing in for the store's answer.
 """
@@ -203,16 +204,11 @@ def naive_dense(trajs: list[TrajectoryInput], cfg: EstimatorConfig) -> np.ndarra
 # --- measurement -----------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    samples = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def timed_ms(fn: Callable[[], object]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def traced(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
@@ -227,11 +223,20 @@ def traced(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return out, peak / 2**20
 
 
+@dataclass
+class Case:
+    preset: str
+    core: Callable[[], np.ndarray]
+    naive: Callable[[], np.ndarray]
+    core_mem: float = 0.0
+    naive_mem: float = 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="core rounds (median)")
     parser.add_argument(
-        "--naive-repeats", type=int, default=3, help="at 16 groups (one run above 16)"
+        "--naive-repeats", type=int, default=3, help="naive rounds at 16 groups (1 above)"
     )
     parser.add_argument("--groups", type=int, nargs="+", default=[16, 64])
     args = parser.parse_args()
@@ -247,24 +252,36 @@ def main() -> None:
     for n_groups in args.groups:
         trajs = alfworld_like_batch(n_groups=n_groups, rollouts=8, max_steps=50, seed=0)
         n_rows = sum(len(t.states) for t in trajs)
+        cases = []
         for preset in PRESETS:
             cfg = resolve_config(preset, default_similarity=Similarity.TFIDF)
-            run_core = partial(core_pipeline, trajs, cfg)
-            run_naive = partial(naive_dense, trajs, cfg)
+            case = Case(
+                preset, partial(core_pipeline, trajs, cfg), partial(naive_dense, trajs, cfg)
+            )
             # one untimed run each under tracemalloc: peak memory and the equality check
-            ours, core_mem = traced(run_core)
-            naive, naive_mem = traced(run_naive)
+            ours, case.core_mem = traced(case.core)
+            naive, case.naive_mem = traced(case.naive)
             gap = float(np.max(np.abs(ours - naive)))
             if gap > 1e-6:
                 raise SystemExit(f"{preset} @ {n_groups} groups: core and naive differ by {gap}")
-            core_ms = median_ms(run_core, args.repeats)
-            naive_repeats = args.naive_repeats if n_groups <= 16 else 1
-            naive_ms = median_ms(run_naive, naive_repeats, warmup=False)
-            summary[(preset, n_groups)] = (core_ms, core_mem)
+            cases.append(case)
+        # rounds interleave the presets, so drifting load on a shared machine hits all alike
+        core_ms: dict[str, list[float]] = {c.preset: [] for c in cases}
+        naive_ms: dict[str, list[float]] = {c.preset: [] for c in cases}
+        for _ in range(args.repeats):
+            for case in cases:
+                core_ms[case.preset].append(timed_ms(case.core))
+        for _ in range(args.naive_repeats if n_groups <= 16 else 1):
+            for case in cases:
+                naive_ms[case.preset].append(timed_ms(case.naive))
+        for case in cases:
+            core = statistics.median(core_ms[case.preset])
+            naive = statistics.median(naive_ms[case.preset])
+            summary[(case.preset, n_groups)] = (core, case.core_mem)
             print(
-                f"| {preset} | {n_groups} | {n_rows} | {core_ms:.1f} | "
-                f"{n_rows / core_ms * 1e3:,.0f} | {naive_ms:.0f} | {naive_ms / core_ms:.0f}x | "
-                f"{core_mem:.1f} | {naive_mem:.0f} |",
+                f"| {case.preset} | {n_groups} | {n_rows} | {core:.1f} | "
+                f"{n_rows / core * 1e3:,.0f} | {naive:.0f} | {naive / core:.0f}x | "
+                f"{case.core_mem:.1f} | {case.naive_mem:.0f} |",
                 flush=True,
             )
     if len(args.groups) == 2:
