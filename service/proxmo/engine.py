@@ -1,26 +1,32 @@
 """The Engine: the one inference core behind the gRPC servicer, the REST app and the CLI.
 
-    limits -> convert + validate -> resolve config -> features -> store (HISTORY) -> estimator
-           -> response
+    stage 1 (compute):  limits -> convert + validate -> resolve config -> TF-IDF / PRECOMPUTED
+    main process:       encoder (ENCODER similarity) -> success-rate store (HISTORY)
+    stage 2 (compute):  [dense features] -> estimator -> response
+
+The stages run on the compute executor: worker processes (``compute_workers`` > 0, the server:
+the CPU-bound core holds the GIL, so only processes spread it over cores) or threads in this
+process (``compute_workers`` 0: the CLI and unit tests, no start-up cost). A request that needs
+neither the encoder nor the store runs both stages in ONE call. Stages are module-level
+functions of picklable arguments, so both executors run the very same code; protobuf messages
+cross the process boundary as their wire bytes (pickling a message serializes it).
 
 Every stage checks the caller's deadline first and stops there once it has passed: in
 particular the success-rate store is never written after the deadline. The response is built
-only after everything has been computed, so nothing half-computed is ever returned. CPU-bound
-stages run on a small thread pool, which keeps the event loop (health checks, other requests)
-responsive.
+only after everything has been computed, so nothing half-computed is ever returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -42,8 +48,10 @@ from proxmo.core.step import StateFeatures, dense_features, precomputed_features
 from proxmo.core.tfidf import tfidf_features
 from proxmo.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, LimitExceeded
 from proxmo.store.base import ApplyResult, SuccessRateStore, TaskUpdate
+from proxmo.workers import ComputePool, usable_cores
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Embedding(Protocol):
@@ -78,6 +86,10 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
             "trajectories",
             f"{n_traj} trajectories exceed the limit of {limits.max_trajectories}",
         )
+    # A trajectory of at most this many wire bytes cannot hold a state over the limit (a
+    # character takes >= 1 byte) nor an embedding over it (a packed float takes 4 bytes), so
+    # its steps need no look; ByteSize() is computed in C, a step-by-step scan is not.
+    small_enough = min(limits.max_state_chars, 4 * limits.max_embedding_dim)
     total = 0
     for i, trajectory in enumerate(request.trajectories):
         n_steps = len(trajectory.steps)
@@ -93,6 +105,8 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
                 "trajectories",
                 f"{total} steps in total exceed the limit of {limits.max_total_steps}",
             )
+        if trajectory.ByteSize() <= small_enough:
+            continue
         for t, step in enumerate(trajectory.steps):
             if len(step.state) > limits.max_state_chars:
                 raise LimitExceeded(
@@ -108,14 +122,161 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
 
 
 def _check_deadline(deadline: float | None, stage: str) -> None:
+    # time.monotonic() is CLOCK_MONOTONIC, one clock for every process of the machine, so a
+    # deadline taken in the server process holds in a compute worker too.
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(f"deadline exceeded before {stage}; no further work was done")
 
 
+# --- the compute stages (run on the compute executor: a worker process or a thread) ------------
+
+
+def _field_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """The core's ValidationError becomes InvalidArgument with its field (a ProxmoError, which
+    also survives the trip back from a worker process)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as error:
+            raise InvalidArgument.from_validation(error) from None
+
+    return wrapper
+
+
 @dataclass(frozen=True)
-class _Prepared:
+class Prepared:
+    """Stage 1's answer when the main process has work to add (encoder, store)."""
+
     batch: StepBatch
     cfg: EstimatorConfig
+    features: StateFeatures | None  # TF-IDF / PRECOMPUTED; None: none needed, A^S = 0, ENCODER
+    needs_encoder: bool  # ENCODER similarity: the main process embeds batch.states
+    featurize_s: float
+
+
+@_field_errors
+def prepare(
+    request: pb.ComputeAdvantagesRequest,
+    limits: Limits,
+    default_similarity: Similarity,
+    deadline: float | None,
+) -> Prepared:
+    """Stage 1: limits, conversion, validation, config, then the features that need no
+    encoder. O(steps) Python work."""
+    _check_deadline(deadline, "validation")
+    check_limits(request, limits)
+    core = request_to_core(request)
+    batch = StepBatch.from_trajectories(core.trajectories)
+    cfg = resolve_config(core.preset, core.overrides, default_similarity=default_similarity)
+    _check_deadline(deadline, "features")
+    started = time.monotonic()
+    similarity = required_features(cfg)
+    features: StateFeatures | None = None
+    if similarity is Similarity.TFIDF:
+        features = tfidf_features(batch)
+    elif similarity is Similarity.PRECOMPUTED:
+        features = precomputed_features(batch)
+    return Prepared(batch, cfg, features, similarity is Similarity.ENCODER,
+                    time.monotonic() - started)
+
+
+@_field_errors
+def score(
+    prepared: Prepared,
+    *,
+    request_id: str,
+    embeddings: np.ndarray | None,
+    group_rates: np.ndarray | None,
+    fallback: np.ndarray,
+    replayed: bool,
+    timing: pb.Timing,
+    deadline: float | None,
+) -> pb.ComputeAdvantagesResponse:
+    """Stage 2: the estimator and the response. ``embeddings`` (ENCODER): the vectors of
+    ``batch.states``, made into features here (counted in featurize_ns). ``timing`` holds
+    everything measured so far; compute_ns is added here."""
+    batch, features = prepared.batch, prepared.features
+    dense_s = 0.0
+    if embeddings is not None:
+        started = time.monotonic()
+        # batch.states are the distinct texts; rows map to them through batch.row_state.
+        features = dense_features(embeddings, batch.row_state)
+        dense_s = time.monotonic() - started
+    _check_deadline(deadline, "the estimator")
+    started = time.monotonic()
+    result = compute_advantages(batch, prepared.cfg, features=features,
+                                group_success_rate=group_rates)
+    compute_s = time.monotonic() - started
+    _check_deadline(deadline, "building the response")
+    response = build_response(request_id=request_id, batch=batch, result=result,
+                              cfg=prepared.cfg, fallback=fallback, replayed=replayed,
+                              timing=timing)
+    response.timing.featurize_ns += _ns(dense_s)
+    response.timing.compute_ns = _ns(compute_s)
+    return response
+
+
+def prepare_and_score(
+    request: pb.ComputeAdvantagesRequest,
+    limits: Limits,
+    default_similarity: Similarity,
+    deadline: float | None,
+    request_id: str,
+    queue_ns: int,
+) -> pb.ComputeAdvantagesResponse | Prepared:
+    """Stage 1, then stage 2 in the same call when the main process has nothing to add (no
+    encoder, no store): one round trip to a worker instead of two. Otherwise the Prepared."""
+    prepared = prepare(request, limits, default_similarity, deadline)
+    if prepared.needs_encoder or uses_history(prepared.cfg):
+        return prepared
+    return score(
+        prepared,
+        request_id=request_id,
+        embeddings=None,
+        group_rates=None,
+        fallback=np.zeros(prepared.batch.n_groups, dtype=bool),
+        replayed=False,
+        timing=_timing(prepared, queue_ns=queue_ns, featurize_s=prepared.featurize_s),
+        deadline=deadline,
+    )
+
+
+def _timing(prepared: Prepared, *, queue_ns: int, featurize_s: float, store_s: float = 0.0,
+            encoded: int = 0) -> pb.Timing:
+    return pb.Timing(
+        queue_ns=queue_ns,
+        featurize_ns=_ns(featurize_s),
+        store_ns=_ns(store_s),
+        num_steps=prepared.batch.n_rows,
+        num_unique_states=len(prepared.batch.states),
+        num_encoded_states=encoded,
+    )
+
+
+def _warmup_request() -> pb.ComputeAdvantagesRequest:
+    """Two tiny groups through TF-IDF and the estimator."""
+    request = pb.ComputeAdvantagesRequest(request_id="worker-warmup",
+                                          config=pb.EstimatorConfig(preset="paper"))
+    for i in range(4):
+        trajectory = request.trajectories.add(trajectory_id=f"w{i}", group_id=f"w{i % 2}")
+        trajectory.steps.add(state="you are in a room", reward=0.0)
+        trajectory.steps.add(state=f"you see item {i}", reward=float(i % 2))
+    return request
+
+
+def warm_worker() -> None:
+    """Initializer of every compute worker: one BLAS/OpenMP thread each (the pool already has
+    one worker per core), then one tiny batch so that the first real request finds every
+    import done and every code path compiled."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+    prepare_and_score(_warmup_request(), Limits(), Similarity.TFIDF, None, "worker-warmup", 0)
+
+
+# --- the engine ------------------------------------------------------------------------------
 
 
 class _Metrics:
@@ -160,22 +321,47 @@ class Engine:
         limits: Limits | None = None,
         registry: CollectorRegistry | None = None,
         compute_threads: int = 0,
+        compute_workers: int = 0,
     ) -> None:
-        """``compute_threads`` 0 means one per CPU core; ``registry`` None keeps the metrics
-        private to this engine (tests, the CLI)."""
+        """``compute_workers`` N > 0 runs the compute stages on N worker processes (started
+        lazily, or all at once by ``start``); 0 runs them on ``compute_threads`` threads in this
+        process (0: one per CPU core). ``registry`` None keeps the metrics private to this
+        engine (tests, the CLI)."""
+        if compute_workers < 0:
+            raise ValueError(f"compute_workers must be >= 0, got {compute_workers}")
         self.store = store
         self.embedder = embedder
         self.default_similarity = default_similarity
         self.limits = limits if limits is not None else Limits()
+        self.compute_workers = compute_workers
         self._metrics = _Metrics(registry if registry is not None else CollectorRegistry())
-        self._executor = ThreadPoolExecutor(
-            max_workers=compute_threads or os.cpu_count() or 1,
-            thread_name_prefix="proxmo-compute",
-        )
+        self._pool: ComputePool | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        if compute_workers:
+            self._pool = ComputePool(compute_workers, initializer=warm_worker,
+                                     preload=("proxmo.engine",))
+        else:
+            self._threads = ThreadPoolExecutor(
+                max_workers=compute_threads or usable_cores(), thread_name_prefix="proxmo-compute"
+            )
+
+    @property
+    def pool(self) -> ComputePool | None:
+        """The worker processes (None in-process)."""
+        return self._pool
+
+    async def start(self) -> None:
+        """Start and warm every compute worker now (servers: before reporting SERVING), so
+        that no request pays for a process start. In-process: nothing to do."""
+        if self._pool is not None:
+            await self._pool.start()
 
     def close(self) -> None:
-        """Stop the worker threads (waits for running computations)."""
-        self._executor.shutdown(wait=True)
+        """Stop the compute workers or threads (waits for running computations)."""
+        if self._pool is not None:
+            self._pool.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
 
     def server_presets(self) -> list[pb.Preset]:
         """Every preset fully resolved with this server's default similarity."""
@@ -188,10 +374,12 @@ class Engine:
             for name, spec in PRESETS.items()
         ]
 
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
-        """Run CPU-bound core work on the pool; the core's ValidationError becomes
-        InvalidArgument with its field."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _core_call, fn)
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One compute stage on the compute executor."""
+        call = functools.partial(fn, *args, **kwargs)
+        if self._pool is not None:
+            return await self._pool.run(call)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
     async def compute(
         self,
@@ -206,103 +394,74 @@ class Engine:
         (default: now) starts ``timing.total_ns``, and ``timing.queue_ns`` is the time from it
         to the start of the work (the server's admission wait). The encoder's time, waiting
         for its micro-batch included, counts in ``featurize_ns``, so the stages never overlap.
-        Raises LimitExceeded, InvalidArgument, FailedPrecondition or DeadlineExceeded.
+        Raises LimitExceeded, InvalidArgument, FailedPrecondition, DeadlineExceeded, or
+        WorkerLost when a compute worker died under the request.
         """
         start = time.monotonic()
         received = received_at if received_at is not None else start
         _check_deadline(deadline, "validation")
         request_id = request.request_id or str(uuid.uuid4())
-        prepared = await self._in_thread(lambda: self._prepare(request))
+        queue_ns = _ns(start - received)
+        outcome = await self._run(prepare_and_score, request, self.limits,
+                                  self.default_similarity, deadline, request_id, queue_ns)
+        store_s: float | None = None
+        if isinstance(outcome, Prepared):
+            response, store_s = await self._complete(outcome, request, request_id, queue_ns,
+                                                     deadline)
+        else:
+            response = outcome
+        response.timing.total_ns = _ns(time.monotonic() - received)
+        self._record(response, store_s)
+        return response
+
+    async def _complete(
+        self,
+        prepared: Prepared,
+        request: pb.ComputeAdvantagesRequest,
+        request_id: str,
+        queue_ns: int,
+        deadline: float | None,
+    ) -> tuple[pb.ComputeAdvantagesResponse, float | None]:
+        """The main process's part (encoder, store), then stage 2. Returns the response and
+        the store's time (None: HISTORY not used)."""
         batch, cfg = prepared.batch, prepared.cfg
-
         _check_deadline(deadline, "features")
-        t0 = time.monotonic()
-        features, encoded = await self._features(batch, cfg)
-        featurize_s = time.monotonic() - t0
+        embeddings: np.ndarray | None = None
+        encoded = 0
+        featurize_s = prepared.featurize_s
+        if prepared.needs_encoder:
+            if self.embedder is None:
+                raise FailedPrecondition(
+                    "config.similarity",
+                    "ENCODER similarity needs the server's sentence encoder, and this server "
+                    "runs without one (use TFIDF, EXACT or PRECOMPUTED)",
+                )
+            started = time.monotonic()
+            embedding = await self.embedder.embed_detailed(batch.states)
+            featurize_s += time.monotonic() - started
+            embeddings, encoded = embedding.vectors, embedding.encoded
 
-        n_groups = len(batch.group_ids)
         group_rates: np.ndarray | None = None
-        fallback = np.zeros(n_groups, dtype=bool)
+        fallback = np.zeros(batch.n_groups, dtype=bool)
         replayed = False
-        store_s = 0.0
+        store_s: float | None = None
         if uses_history(cfg):
             _check_deadline(deadline, "the success-rate store")
-            t0 = time.monotonic()
+            started = time.monotonic()
             applied = await self._apply_history(request_id, batch, cfg, dry_run=request.dry_run)
-            store_s = time.monotonic() - t0
+            store_s = time.monotonic() - started
             replayed = applied.replayed
             group_rates, fallback = _history_rates(batch, cfg, applied)
 
         _check_deadline(deadline, "the estimator")
-        t0 = time.monotonic()
-        result = await self._in_thread(
-            lambda: compute_advantages(
-                batch, cfg, features=features, group_success_rate=group_rates
-            )
+        timing = _timing(prepared, queue_ns=queue_ns, featurize_s=featurize_s,
+                         store_s=store_s or 0.0, encoded=encoded)
+        response = await self._run(
+            score, prepared, request_id=request_id, embeddings=embeddings,
+            group_rates=group_rates, fallback=fallback, replayed=replayed, timing=timing,
+            deadline=deadline,
         )
-        compute_s = time.monotonic() - t0
-        _check_deadline(deadline, "building the response")
-
-        timing = pb.Timing(
-            queue_ns=_ns(start - received),
-            featurize_ns=_ns(featurize_s),
-            store_ns=_ns(store_s),
-            compute_ns=_ns(compute_s),
-            num_steps=batch.n_rows,
-            num_unique_states=len(batch.states),
-            num_encoded_states=encoded,
-        )
-        response = await self._in_thread(
-            lambda: build_response(
-                request_id=request_id,
-                batch=batch,
-                result=result,
-                cfg=cfg,
-                fallback=fallback,
-                replayed=replayed,
-                timing=timing,
-            )
-        )
-        response.timing.total_ns = _ns(time.monotonic() - received)
-        self._record(response, featurize_s, store_s if uses_history(cfg) else None, compute_s)
-        return response
-
-    # --- stages ----------------------------------------------------------------------------
-
-    def _prepare(self, request: pb.ComputeAdvantagesRequest) -> _Prepared:
-        """Limits, conversion, validation and config (on the pool: O(steps) Python work)."""
-        check_limits(request, self.limits)
-        core = request_to_core(request)
-        batch = StepBatch.from_trajectories(core.trajectories)
-        cfg = resolve_config(
-            core.preset, core.overrides, default_similarity=self.default_similarity
-        )
-        return _Prepared(batch=batch, cfg=cfg)
-
-    async def _features(
-        self, batch: StepBatch, cfg: EstimatorConfig
-    ) -> tuple[StateFeatures | None, int]:
-        """PSA's state features (None: no features needed, or A^S = 0) and the number of
-        texts the encoder ran on."""
-        similarity = required_features(cfg)
-        if similarity is None:
-            return None, 0
-        if similarity is Similarity.TFIDF:
-            return await self._in_thread(lambda: tfidf_features(batch)), 0
-        if similarity is Similarity.PRECOMPUTED:
-            return await self._in_thread(lambda: precomputed_features(batch)), 0
-        if self.embedder is None:
-            raise FailedPrecondition(
-                "config.similarity",
-                "ENCODER similarity needs the server's sentence encoder, and this server runs "
-                "without one (use TFIDF, EXACT or PRECOMPUTED)",
-            )
-        # batch.states are the distinct texts; rows map to them through batch.row_state.
-        embedding = await self.embedder.embed_detailed(batch.states)
-        features = await self._in_thread(
-            lambda: dense_features(embedding.vectors, batch.row_state)
-        )
-        return features, embedding.encoded
+        return response, store_s
 
     async def _apply_history(
         self, request_id: str, batch: StepBatch, cfg: EstimatorConfig, *, dry_run: bool
@@ -326,23 +485,18 @@ class Engine:
         except ValidationError as error:
             raise InvalidArgument.from_validation(error) from None
 
-    def _record(
-        self,
-        response: pb.ComputeAdvantagesResponse,
-        featurize_s: float,
-        store_s: float | None,
-        compute_s: float,
-    ) -> None:
+    def _record(self, response: pb.ComputeAdvantagesResponse, store_s: float | None) -> None:
         m = self._metrics
-        m.rows.inc(response.timing.num_steps)
+        timing = response.timing
+        m.rows.inc(timing.num_steps)
         m.groups.inc(len(response.groups))
         m.trajectories.inc(len(response.trajectories))
         for group in response.groups:
             m.sources.labels(_source_label(group)).inc()
-        m.stage.labels("features").observe(featurize_s)
+        m.stage.labels("features").observe(timing.featurize_ns / 1e9)
         if store_s is not None:
             m.stage.labels("store").observe(store_s)
-        m.stage.labels("compute").observe(compute_s)
+        m.stage.labels("compute").observe(timing.compute_ns / 1e9)
 
 
 def _history_rates(
@@ -374,13 +528,6 @@ def _source_label(group: pb.GroupReport) -> str:
         return "batch_fallback"
     name = pb.SuccessRateSource.Name(group.success_rate_source)
     return name.removeprefix("SUCCESS_RATE_SOURCE_").lower()
-
-
-def _core_call(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except ValidationError as error:
-        raise InvalidArgument.from_validation(error) from None
 
 
 def _ns(seconds: float) -> int:

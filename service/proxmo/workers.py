@@ -14,9 +14,11 @@ crash) starts in milliseconds without ever forking the gRPC process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,6 +40,14 @@ class WorkerLost(ProxmoError):
 
     def __init__(self, message: str) -> None:
         super().__init__("", message)
+
+
+def _start_worker(initializer: Callable[[], None]) -> None:
+    # Ctrl-C reaches the whole process group, workers included; the server process decides
+    # when they stop (the executor's shutdown), so that a drain lets admitted work finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    initializer()
 
 
 def usable_cores() -> int:
@@ -72,7 +82,9 @@ class ComputePool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=self._context, initializer=self._initializer
+            max_workers=self.workers,
+            mp_context=self._context,
+            initializer=functools.partial(_start_worker, self._initializer),
         )
 
     def _prestart(self, executor: ProcessPoolExecutor) -> list[Future[int]]:
@@ -82,7 +94,9 @@ class ComputePool:
 
     async def start(self) -> list[int]:
         """Start and warm every worker (each runs the initializer); returns their pids."""
-        futures = self._prestart(self._executor)
+        # Starting a process waits for the fork server, which imports `preload` first (a
+        # second or more): off the event loop, which keeps answering health checks meanwhile.
+        futures = await asyncio.to_thread(self._prestart, self._executor)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     def pids(self) -> list[int]:
@@ -91,16 +105,25 @@ class ComputePool:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker. Exceptions raised by ``fn`` come back as they were
-        raised (they must pickle: ``ProxmoError`` does); a dead worker raises WorkerLost."""
-        executor = self._executor
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        except BrokenProcessPool:
-            self._replace(executor)
-            raise WorkerLost(
-                "a compute worker process died while this request was queued or running "
-                "(killed, e.g. out of memory); the workers were restarted, retry"
-            ) from None
+        raised (they must pickle: ``ProxmoError`` does); a worker dying under the call raises
+        WorkerLost. A pool found broken before the call got in (a worker died meanwhile) is
+        replaced and the call runs on the new one: it cannot have caused the death."""
+        for _ in range(2):
+            executor = self._executor
+            try:
+                future = executor.submit(fn, *args)
+            except BrokenProcessPool:
+                self._replace(executor)
+                continue
+            try:
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool:
+                self._replace(executor)
+                break
+        raise WorkerLost(
+            "a compute worker process died while this request was queued or running (killed, "
+            "e.g. out of memory); the workers were restarted, retry"
+        )
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         # Every call that was on the broken pool lands here; only the first replaces it.
