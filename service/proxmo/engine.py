@@ -44,6 +44,7 @@ from proxmo.core.config import (
 )
 from proxmo.core.episode import batch_success_counts
 from proxmo.core.estimators import compute_advantages
+from proxmo.core.history import task_batch_counts
 from proxmo.core.step import StateFeatures, dense_features, precomputed_features
 from proxmo.core.tfidf import tfidf_features
 from proxmo.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, LimitExceeded
@@ -467,13 +468,11 @@ class Engine:
         self, request_id: str, batch: StepBatch, cfg: EstimatorConfig, *, dry_run: bool
     ) -> ApplyResult:
         """One update per task: all of this batch's groups with that task together."""
-        successes, trials = batch_success_counts(batch, cfg)
-        per_task: dict[str, list[int]] = {}
-        for g, task_id in enumerate(batch.group_task):
-            counts = per_task.setdefault(task_id, [0, 0])
-            counts[0] += int(successes[g])
-            counts[1] += int(trials[g])
-        updates = [TaskUpdate(task, s, n) for task, (s, n) in per_task.items()]
+        task_ids, successes, trials = task_batch_counts(batch, cfg)
+        updates = [
+            TaskUpdate(task, int(s), int(n))
+            for task, s, n in zip(task_ids, successes, trials, strict=True)
+        ]
         try:
             return await self.store.apply(
                 request_id,
