@@ -68,7 +68,9 @@ def test_tasks_and_resets(server: ServerProcess) -> None:
 
 def test_reset_all_and_auth_token(start_server: StartServer) -> None:
     guarded = start_server("--auth-token", "s3cret")
-    guarded.stub.ComputeAdvantages(make_request(task_prefix="x"), timeout=30)
+    token = {"authorization": "Bearer s3cret"}
+    guarded.stub.ComputeAdvantages(make_request(task_prefix="x"), timeout=30,
+                                   metadata=tuple(token.items()))
     refused = httpx.delete(f"{guarded.http_url}/v1/tasks", timeout=5)
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "UNAUTHENTICATED"
@@ -78,7 +80,8 @@ def test_reset_all_and_auth_token(start_server: StartServer) -> None:
     done = httpx.delete(f"{guarded.http_url}/v1/tasks", timeout=5,
                         headers={"authorization": "Bearer s3cret"})
     assert done.status_code == 200 and done.json() == {"deleted": "2"}
-    assert httpx.get(f"{guarded.http_url}/v1/tasks", timeout=5).json()["tasks"] == []
+    assert httpx.get(f"{guarded.http_url}/v1/tasks", timeout=5,
+                     headers=token).json()["tasks"] == []
     # The token is never printed.
     assert "s3cret" not in guarded.logs()
 

@@ -3,6 +3,7 @@
 ``main`` (console script ``proxmo-server``) resolves the settings, logs them (secrets masked)
 and runs both servers on one event loop. Start-up: bind both ports with health NOT_SERVING,
 warm up (encoder, then one dry-run batch through the engine), then SERVING / ``/readyz`` 200.
+Compute worker processes (``compute_workers``) start and warm up before SERVING too.
 SIGTERM or SIGINT: NOT_SERVING and ``/readyz`` 503 at once, stop accepting, let in-flight work
 finish within ``grace_period_s``, close engine, store and encoder, exit 0.
 """
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from proxmo.core.config import Similarity
 from proxmo.engine import Engine, Limits
 from proxmo.server.admission import Phase
+from proxmo.server.auth import load_access_policy, load_tls
 from proxmo.server.config import Settings, SettingsError, load_settings
 from proxmo.server.grpc_service import build_grpc_server, set_serving
 from proxmo.server.logging import configure_logging
@@ -131,17 +133,21 @@ async def create_encoder(settings: Settings, registry: CollectorRegistry) -> Any
 
 async def build(settings: Settings) -> Service:
     """Wire the servers from the settings. Binds the gRPC port; starts nothing."""
+    # Token file and TLS files are read first: a bad one stops the start (SettingsError).
+    access = load_access_policy(settings)
+    tls = load_tls(settings)
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     sha = git_sha()
     metrics.build.info({"version": proxmo.__version__, "git_sha": sha or "unknown"})
     store = create_store(settings.redis_url, namespace=settings.namespace, registry=registry)
     runtime = Runtime(settings=settings, store=store, metrics=metrics, git_sha=sha)
-    grpc_server, health_servicer = await build_grpc_server(runtime)
-    app = create_app(runtime, registry)
+    grpc_server, health_servicer = await build_grpc_server(runtime, access=access, tls=tls)
+    app = create_app(runtime, registry, access=access)
     http_server = _EmbeddedUvicorn(uvicorn.Config(
         app, host=settings.host, port=settings.http_port, log_config=None, lifespan="off",
         timeout_graceful_shutdown=max(1, round(settings.grace_period_s)),
+        ssl_certfile=tls.cert_path if tls else None, ssl_keyfile=tls.key_path if tls else None,
     ))
     return Service(settings, registry, store, runtime, grpc_server, health_servicer, app,
                    http_server)
@@ -166,9 +172,13 @@ async def load(service: Service) -> None:
         ),
         registry=service.registry,
         compute_threads=settings.compute_threads,
+        compute_workers=settings.compute_worker_count,
     )
     service.runtime.attach(service.engine, service.embedder)
     encoder = service.runtime.encoder_info()
+    log.info("compute: %s", f"{settings.compute_worker_count} worker processes"
+             if settings.compute_worker_count else "in-process threads",
+             extra={"compute_workers": settings.compute_worker_count})
     log.info("default similarity: %s", similarity.name,
              extra={"encoder_backend": encoder.backend, "encoder_device": encoder.device,
                     "encoder_dtype": encoder.dtype})
@@ -187,8 +197,9 @@ def _warmup_request() -> pb.ComputeAdvantagesRequest:
 
 
 async def warm_up(service: Service) -> None:
-    """Encoder first, then one dry-run batch through the engine."""
+    """Compute workers and encoder first, then one dry-run batch through the engine."""
     started = time.monotonic()
+    await service.runtime.engine.start()
     if service.embedder is not None:
         await service.embedder.warmup()
     await service.runtime.engine.compute(_warmup_request())

@@ -70,7 +70,13 @@ class Settings:
     )
     log_level: str = field(default="info", metadata={"help": "log level", "choices": LOG_LEVELS})
     compute_threads: int = field(
-        default=0, metadata={"help": "worker threads for the estimator; 0: one per CPU core"}
+        default=0, metadata={"help": "compute threads when compute_workers is 0; 0: one per "
+                             "CPU core"}
+    )
+    compute_workers: str = field(
+        default="auto", metadata={"help": "compute worker processes (validation, TF-IDF, "
+                                  "estimator): auto (one per usable CPU core), N, or 0 (threads "
+                                  "in the server process)"}
     )
     encoder_model: str = field(
         default="", metadata={"help": "encoder model directory; empty: the packaged MiniLM"}
@@ -100,8 +106,22 @@ class Settings:
         default="~/.cache/proxmo/trt", metadata={"help": "TensorRT engine cache directory"}
     )
     auth_token: str = field(
-        default="", metadata={"help": "bearer token for admin calls (reserved)", "secret": True}
+        default="",
+        metadata={"help": "bearer token every call must carry (authorization: Bearer <token>); "
+                  "empty: no auth", "secret": True},
     )
+    auth_token_file: str = field(
+        default="", metadata={"help": "file holding the auth token (exclusive with auth_token)"}
+    )
+    metrics_token: str = field(
+        default="",
+        metadata={"help": "a second bearer token that opens /metrics only (scrapers)",
+                  "secret": True},
+    )
+    tls_cert: str = field(
+        default="", metadata={"help": "PEM certificate chain: serve gRPC and HTTP over TLS"}
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
 
     def __post_init__(self) -> None:
         _check(self)
@@ -109,6 +129,13 @@ class Settings:
     @property
     def encoder_enabled(self) -> bool:
         return self.encoder_backend != "none"
+
+    @property
+    def compute_worker_count(self) -> int:
+        """``compute_workers`` as a number: ``auto`` is the CPU cores this process may use."""
+        if self.compute_workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return int(self.compute_workers)
 
     def describe(self) -> str:
         """One ``name = value`` line per setting, secrets masked (passwords inside URLs too)."""
@@ -159,6 +186,12 @@ def _check(s: Settings) -> None:
     for name in ("compute_threads", "encoder_threads", "encoder_lru_size", "embedding_cache_ttl_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    if s.compute_workers != "auto" and not (
+        s.compute_workers.isdigit() and s.compute_workers.isascii()
+    ):
+        raise SettingsError(
+            f"compute_workers: must be auto or an integer >= 0, got {s.compute_workers!r}"
+        )
     if s.grace_period_s < 0:
         raise SettingsError(f"grace_period_s: must be >= 0, got {s.grace_period_s}")
     for f in fields(s):
@@ -169,6 +202,12 @@ def _check(s: Settings) -> None:
             )
     if s.embedding_cache_redis and not s.redis_url:
         raise SettingsError("embedding_cache_redis: needs redis_url")
+    if s.auth_token and s.auth_token_file:
+        raise SettingsError("auth_token_file: exclusive with auth_token; give one")
+    if s.metrics_token and not (s.auth_token or s.auth_token_file):
+        raise SettingsError("metrics_token: needs auth_token (without it /metrics is open)")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingsError("tls_key: tls_cert and tls_key go together; give both or neither")
 
 
 def _field_types() -> dict[str, type]:

@@ -8,7 +8,6 @@ Errors carry the status the error names (``proxmo.server.status``) and rich deta
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,14 +15,16 @@ from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from proxmo.errors import InvalidArgument
+from proxmo.server.auth import AccessPolicy, BearerAuthInterceptor, TlsFiles, refusal_recorder
 from proxmo.server.runtime import Runtime, new_request_id
 from proxmo.server.status import (
     ErrorStatus,
-    Unauthenticated,
     classify,
     field_free_message,
     in_stream,
@@ -190,12 +191,9 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
     async def ResetSuccessRates(  # noqa: N802
         self, request: pb.ResetSuccessRatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetSuccessRatesResponse:
-        async def reset() -> pb.ResetSuccessRatesResponse:
-            metadata = dict(context.invocation_metadata() or ())
-            check_admin_token(self._rt.settings.auth_token, str(metadata.get("authorization", "")))
-            return await self._rt.reset_success_rates(request)
-
-        return await self._serve("ResetSuccessRates", context, new_request_id(), reset)
+        # Access (the auth token, when configured) is checked by BearerAuthInterceptor.
+        return await self._serve("ResetSuccessRates", context, new_request_id(),
+                                 lambda: self._rt.reset_success_rates(request))
 
     async def GetServerInfo(  # noqa: N802
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -206,13 +204,72 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
         return await self._serve("GetServerInfo", context, new_request_id(), info)
 
 
-def check_admin_token(expected: str, authorization: str) -> None:
-    """With an auth token configured, admin calls need ``authorization: Bearer <token>``."""
-    if not expected:
-        return
-    presented = authorization.removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise Unauthenticated("authorization", "admin calls need 'Bearer <auth token>'")
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Undecodable request bytes answer INVALID_ARGUMENT naming the request, not UNKNOWN.
+
+    grpc decodes a request before the servicer runs and reports a DecodeError (corrupt wire
+    bytes, invalid UTF-8 in a string) as UNKNOWN with the parser's text. This hands the servicer
+    the same call with the bytes decoded inside it, where a failure becomes a field error.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str,
+                      error: InvalidArgument) -> NoReturn:
+        """Count and log the refusal like any other answer, then abort the call."""
+        request_id = new_request_id()
+        status = classify(error, request_id)
+        self._rt.finish(transport=TRANSPORT, rpc=rpc, started=time.monotonic(),
+                        request_id=request_id, error=status)
+        await _abort(context, status, request_id)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if (handler is None or handler.request_deserializer is None
+                or not details.method.startswith(f"/{SERVICE_NAME}/")):
+            return handler
+        decode = handler.request_deserializer
+        rpc = details.method.rsplit("/", 1)[1]
+        serializer = handler.response_serializer
+        if handler.request_streaming:  # StreamAdvantages, the one streaming RPC
+            inner_stream = handler.stream_stream
+
+            async def decoded(raw_requests: AsyncIterator[bytes]) -> AsyncIterator[object]:
+                index = 0
+                async for raw in raw_requests:
+                    try:
+                        yield decode(raw)
+                    except DecodeError as error:
+                        raise InvalidArgument(f"requests[{index}]",
+                                              f"cannot be decoded: {error}") from None
+                    index += 1
+
+            async def stream(raw_requests: AsyncIterator[bytes],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+                try:
+                    async for response in inner_stream(decoded(raw_requests), context):
+                        yield response
+                except InvalidArgument as error:  # raised by `decoded` inside the servicer
+                    await self._refuse(context, rpc, error)
+
+            return grpc.stream_stream_rpc_method_handler(stream, response_serializer=serializer)
+
+        inner_unary = handler.unary_unary
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> object:
+            try:
+                request = decode(raw)
+            except DecodeError as error:
+                await self._refuse(context, rpc,
+                                   InvalidArgument("request", f"cannot be decoded: {error}"))
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serializer)
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -234,12 +291,18 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 async def build_grpc_server(
-    runtime: Runtime,
+    runtime: Runtime, *, access: AccessPolicy | None = None, tls: TlsFiles | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The grpc.aio server with the service, health (NOT_SERVING until warm) and reflection,
-    bound to ``host:grpc_port`` and not yet started."""
+    bound to ``host:grpc_port`` (TLS with ``tls``; bearer-token access with ``access``) and not
+    yet started."""
     settings = runtime.settings
-    server = grpc.aio.server(options=server_options(settings.max_message_bytes))
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if access is not None and access.enabled:  # outermost: refuse before decoding anything
+        interceptors.append(BearerAuthInterceptor(access, refusal_recorder(runtime)))
+    interceptors.append(DecodeGuard(runtime))
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=server_options(settings.max_message_bytes))
     pb_grpc.add_CreditAssignmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
         CreditAssignmentServicer(runtime), server
     )
@@ -253,7 +316,8 @@ async def build_grpc_server(
     )
     address = f"{settings.host}:{settings.grpc_port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, tls.grpc_credentials()) if tls is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if bound == 0:

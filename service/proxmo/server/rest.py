@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import proxmo
-from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from proxmo.errors import InvalidArgument, LimitExceeded
-from proxmo.server.grpc_service import check_admin_token
+from proxmo.server.auth import AccessPolicy, HttpBearerAuth, refusal_recorder
 from proxmo.server.runtime import Runtime, new_request_id
 from proxmo.server.status import ErrorStatus, classify
 from proxmo_client.v1 import proxmo_pb2 as pb
@@ -49,9 +50,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# A client's request id may hold any unicode (or a line break): percent-encode everything but
+# visible ASCII so that echoing it in a header can neither fail (latin-1) nor inject a header.
+_HEADER_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) != "%")
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value: visible ASCII kept, the rest percent-encoded (UTF-8)."""
+    return quote(text, safe=_HEADER_SAFE)
+
+
 def _error_response(status: ErrorStatus, request_id: str) -> JSONResponse:
     return JSONResponse(status.body(request_id), status_code=status.http_status,
-                        headers={"x-request-id": request_id})
+                        headers={"x-request-id": header_value(request_id)})
 
 
 def _parse_request(body: bytes) -> pb.ComputeAdvantagesRequest:
@@ -85,14 +96,18 @@ _ADVANTAGES_BODY: dict[str, Any] = {
 }
 
 
-def create_app(runtime: Runtime, registry: CollectorRegistry) -> FastAPI:
-    """The FastAPI app; OpenAPI docs at /docs."""
+def create_app(runtime: Runtime, registry: CollectorRegistry, *,
+               access: AccessPolicy | None = None) -> FastAPI:
+    """The FastAPI app; OpenAPI docs at /docs. With ``access`` enabled every call but the
+    probes and the docs needs the bearer token (``proxmo.server.auth``)."""
     app = FastAPI(
         title="proxmo",
         version=proxmo.__version__,
         description="Credit assignment for multi-turn agent RL. Trainers use gRPC "
         "(proxmo.v1.CreditAssignmentService); this REST side serves operators and quick use.",
     )
+    if access is not None and access.enabled:
+        app.add_middleware(HttpBearerAuth, policy=access, on_refused=refusal_recorder(runtime))
 
     async def serve(rpc: str, request_id: str, call: Any) -> Response:
         started = time.monotonic()
@@ -110,7 +125,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> FastAPI:
         # A large response takes milliseconds to print: keep it off the event loop.
         text = await asyncio.to_thread(_to_json, message) if isinstance(
             message, pb.ComputeAdvantagesResponse) else _to_json(message)
-        return Response(content=text, media_type=_JSON, headers={"x-request-id": request_id})
+        return Response(content=text, media_type=_JSON,
+                        headers={"x-request-id": header_value(request_id)})
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -178,23 +194,20 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> FastAPI:
         return await serve("GetSuccessRates", new_request_id(),
                            lambda: runtime.success_rates(message))
 
-    async def reset(message: pb.ResetSuccessRatesRequest, authorization: str) -> Response:
-        async def call() -> pb.ResetSuccessRatesResponse:
-            check_admin_token(runtime.settings.auth_token, authorization)
-            return await runtime.reset_success_rates(message)
-
-        return await serve("ResetSuccessRates", new_request_id(), call)
+    # Access (the auth token, when configured) is checked by the HttpBearerAuth middleware.
+    async def reset(message: pb.ResetSuccessRatesRequest) -> Response:
+        return await serve("ResetSuccessRates", new_request_id(),
+                           lambda: runtime.reset_success_rates(message))
 
     @app.delete("/v1/tasks/{task_id}", tags=["success rates"],
                 summary="ResetSuccessRates: delete one task's history")
-    async def reset_task(task_id: Annotated[str, Path()],
-                         authorization: Annotated[str, Header()] = "") -> Response:
-        return await reset(pb.ResetSuccessRatesRequest(task_ids=[task_id]), authorization)
+    async def reset_task(task_id: Annotated[str, Path()]) -> Response:
+        return await reset(pb.ResetSuccessRatesRequest(task_ids=[task_id]))
 
     @app.delete("/v1/tasks", tags=["success rates"],
                 summary="ResetSuccessRates: delete every task of this server's namespace")
-    async def reset_all(authorization: Annotated[str, Header()] = "") -> Response:
-        return await reset(pb.ResetSuccessRatesRequest(all_tasks=True), authorization)
+    async def reset_all() -> Response:
+        return await reset(pb.ResetSuccessRatesRequest(all_tasks=True))
 
     @app.get("/v1/info", tags=["server"], summary="GetServerInfo: version, presets, limits")
     async def info() -> Response:
