@@ -11,9 +11,9 @@ Keys (``ns`` = namespace):
 One Lua script applies a whole request in one round trip (EVALSHA; redis-py reloads it on
 NOSCRIPT): it reads the claim, and on a replay returns the stored p's without writing; otherwise
 it reads each task's history, computes S', N', p in IEEE doubles (same operation order as
-``proxmo.core.history.apply_update``, so bit-identical to MemoryStore), writes unless dry-run, and claims the id
-(SET NX PX). All keys are in KEYS, cost O(tasks); a script is atomic, so two trainers never see
-a torn history and the p's come from the very history they update.
+``proxmo.core.history.apply_update``, so bit-identical to MemoryStore), writes unless dry-run,
+and claims the id (SET NX PX). All keys are in KEYS, cost O(tasks); a script is atomic, so two
+trainers never see a torn history and the p's come from the very history they update.
 
 Faults: a connection error or timeout opens a short circuit (``cooldown_s``: later requests skip
 Redis instead of each paying the timeout), the update is kept in a bounded FIFO buffer (oldest
@@ -45,8 +45,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxmo.errors import NotReady
 from proxmo.core import history
+from proxmo.errors import NotReady
 from proxmo.store.base import (
     DEFAULT_MAX_BUFFERED,
     DEFAULT_REQUEST_TTL_SECONDS,
