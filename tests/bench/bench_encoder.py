@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxmo.core import StepBatch  # noqa: E402
 from proxmo.encoder import Embedder, EncoderSettings  # noqa: E402
 from proxmo.encoder.base import EncoderBackend, reference_embeddings  # noqa: E402
-from proxmo.encoder.embedder import REDIS_KEY_PREFIX, text_hash  # noqa: E402
+from proxmo.encoder.embedder import shared_cache_key  # noqa: E402
 from proxmo.encoder.model import LoadedModel, load_model  # noqa: E402
 from proxmo.encoder.torch_backend import (  # noqa: E402
     TorchBackend,
@@ -187,11 +187,11 @@ def redis_available() -> bool:
         return False
 
 
-def delete_cache_keys(model_sha256: str, states: list[str]) -> None:
+def delete_cache_keys(model_sha256: str, dtype: str, states: list[str]) -> None:
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    keys = [f"{REDIS_KEY_PREFIX}:emb:{model_sha256[:12]}:{text_hash(s)}" for s in states]
+    keys = [shared_cache_key(model_sha256, dtype, s) for s in states]
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
     client.close()
@@ -297,13 +297,13 @@ def main() -> int:
             }
         )
     for backend in cpu_backends:
-        # the same texts for every backend: the Redis cache is emptied before each run, so no
-        # backend is served another's embeddings (and no text is lengthened to tell them apart)
+        # the same texts for every backend (cache keys carry the dtype); the Redis cache is
+        # emptied before each run so "fresh replica" really starts from what the writer stored
         if redis_ok:
-            delete_cache_keys(backend.model_sha256, states)
+            delete_cache_keys(backend.model_sha256, backend.dtype, states)
         rows += asyncio.run(batch_rows(backend, states, settings, redis_ok))
         if redis_ok:
-            delete_cache_keys(backend.model_sha256, states)
+            delete_cache_keys(backend.model_sha256, backend.dtype, states)
     if torch.cuda.is_available():
         rows += gpu_rows(model, states, args.repeats, args.max_batch_tokens, args.engine_cache_dir)
 

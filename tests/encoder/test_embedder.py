@@ -20,7 +20,7 @@ from proxmo.core import (
 )
 from proxmo.core.config import Similarity
 from proxmo.encoder import Embedder, EncoderSettings, create_embedder
-from proxmo.encoder.embedder import REDIS_KEY_PREFIX, text_hash
+from proxmo.encoder.embedder import shared_cache_key
 from proxmo.encoder.torch_backend import TorchBackend
 
 from .alfworld_states import alfworld_groups
@@ -166,7 +166,7 @@ def test_shared_redis_cache_across_two_instances(
 ) -> None:
     batch = small_batch(f" [{nonce}]")
     texts = list(batch.states)
-    keys = [f"{REDIS_KEY_PREFIX}:emb:{cpu_backend.model_sha256[:12]}:{text_hash(t)}" for t in texts]
+    keys = [shared_cache_key(cpu_backend.model_sha256, cpu_backend.dtype, t) for t in texts]
 
     async def go() -> tuple[np.ndarray, np.ndarray]:
         first, first_registry = make(cpu_backend, redis_cache_url=redis_url, redis_cache_ttl_s=600)
@@ -227,7 +227,7 @@ def test_malformed_shared_value_is_a_miss(
     cpu_backend: TorchBackend, redis_url: str, nonce: str
 ) -> None:
     text = f"You arrive at toaster 1. [{nonce}]"
-    key = f"{REDIS_KEY_PREFIX}:emb:{cpu_backend.model_sha256[:12]}:{text_hash(text)}"
+    key = shared_cache_key(cpu_backend.model_sha256, cpu_backend.dtype, text)
     client = redis.Redis.from_url(redis_url)
     client.set(key, b"\x00\x01\x02", ex=60)
     client.close()

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from proxmo.encoder.embedder import REDIS_KEY_PREFIX, text_hash
+from proxmo.encoder.embedder import shared_cache_key
 from proxmo_client.v1 import proxmo_pb2 as pb
 from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
 
@@ -171,7 +171,7 @@ def test_encoder_similarity_and_shared_cache_across_two_servers(
         assert np.abs(advantages(tfidf) - advantages(fresh)).max() > 1e-3
     finally:
         ours = {
-            f"{REDIS_KEY_PREFIX}:emb:{PACKAGED_SHA256[:12]}:{text_hash(s.state)}"
+            shared_cache_key(PACKAGED_SHA256, "float32", s.state)
             for t in request.trajectories for s in t.steps
         }
         delete_keys(redis_url, sorted(ours))

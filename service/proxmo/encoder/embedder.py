@@ -5,7 +5,7 @@
 1. identical texts of the call are looked up once;
 2. the in-process LRU (key: model sha256, blake2b-128 of the text) holds what the backend
    produced, so a hit returns exactly what a fresh encode of the same batch returned;
-3. the optional shared Redis cache (``proxmo:emb:<sha[:12]>:<text hash>``, fp16 bytes, TTL)
+3. the optional shared Redis cache (``proxmo:emb:<sha[:12]>:<dtype>:<text hash>``, fp16 bytes, TTL)
    lets replicas and restarts reuse work; MGET to read, one pipelined SET EX to write. A value
    read back is fp16-rounded (each component within 2^-11 relative; measured cosine to the
    fresh vector >= 0.99999997, ENCODER advantages within ~1e-5) and is renormalized. fp16 (the
@@ -104,6 +104,17 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def shared_cache_prefix(model_sha256: str, dtype: str) -> str:
+    """Redis key prefix of one model at one compute precision: replicas running float32 and
+    bfloat16 must not serve each other's vectors."""
+    return f"{REDIS_KEY_PREFIX}:emb:{model_sha256[:12]}:{dtype}:"
+
+
+def shared_cache_key(model_sha256: str, dtype: str, text: str) -> str:
+    """Redis key of one cached embedding."""
+    return shared_cache_prefix(model_sha256, dtype) + text_hash(text)
+
+
 class _LRU:
     """An in-process LRU of float32 vectors; touched only from the event loop."""
 
@@ -133,7 +144,8 @@ class SharedEmbeddingCache:
     """Redis embedding cache shared by replicas: fp16 little-endian bytes under a TTL."""
 
     def __init__(
-        self, url: str, *, ttl_s: int, model_sha256: str, dimension: int, metrics: EncoderMetrics
+        self, url: str, *, ttl_s: int, model_sha256: str, dtype: str, dimension: int,
+        metrics: EncoderMetrics,
     ) -> None:
         import redis.asyncio as aioredis
 
@@ -142,7 +154,7 @@ class SharedEmbeddingCache:
         )
         self._url = url
         self._ttl_s = ttl_s
-        self._prefix = f"{REDIS_KEY_PREFIX}:emb:{model_sha256[:12]}:"
+        self._prefix = shared_cache_prefix(model_sha256, dtype)
         self._dimension = dimension
         self._metrics = metrics
         self._skip_until = 0.0
@@ -342,7 +354,8 @@ class Embedder:
         self._shared = (
             SharedEmbeddingCache(
                 settings.redis_cache_url, ttl_s=settings.redis_cache_ttl_s,
-                model_sha256=backend.model_sha256, dimension=backend.dimension,
+                model_sha256=backend.model_sha256, dtype=backend.dtype,
+                dimension=backend.dimension,
                 metrics=self.metrics,
             )
             if settings.redis_cache_url
