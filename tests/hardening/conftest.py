@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,24 +25,12 @@ from server.conftest import (  # noqa: F401 (start_server is a fixture, re-expor
     free_ports,
     start_server,
 )
+from support.redis_server import Certificate, RedisServer, delete_namespace
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SHARED_REDIS_URL = os.environ.get("PROXMO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 FUZZ_CASES = int(os.environ.get("PROXMO_FUZZ_CASES", "120"))
 LOAD_SECONDS = float(os.environ.get("PROXMO_LOAD_SECONDS", "8"))
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """A self-signed certificate for ``localhost`` / ``127.0.0.1`` and its key (PEM files)."""
-
-    cert: Path
-    key: Path
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.read_bytes()
 
 
 def make_certificate(directory: Path, name: str = "server") -> Certificate:
@@ -96,79 +81,6 @@ def exit_of(server: ServerProcess, timeout: float = 30.0) -> int:
 # --- private redis-server -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server that a test may SIGKILL and restart on the same port.
-
-    AOF with fsync on every write (as tests/store/test_store_faults.py): a restart after SIGKILL
-    keeps every acknowledged write. Optional ``password`` (requirepass) and ``tls`` (the plain
-    port is then closed and only the TLS port listens).
-    """
-
-    def __init__(self, directory: Path, *, password: str = "",
-                 tls: Certificate | None = None) -> None:
-        self.port = free_port()
-        self.password = password
-        self.tls = tls
-        self._dir = directory
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        if self.tls is None:
-            return f"redis://{auth}127.0.0.1:{self.port}/0"
-        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.cert}"
-
-    def client(self) -> redis.Redis:
-        kwargs: dict[str, object] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
-        if self.password:
-            kwargs["password"] = self.password
-        if self.tls is not None:
-            kwargs.update(ssl=True, ssl_ca_certs=str(self.tls.cert))
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
-
-    def start(self) -> None:
-        command: list[str] = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "yes", "--appendfsync", "always",
-                              "--dir", str(self._dir), "--logfile", ""]
-        if self.tls is None:
-            command += ["--port", str(self.port)]
-        else:
-            command += ["--port", "0", "--tls-port", str(self.port),
-                        "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
-                        "--tls-ca-cert-file", str(self.tls.cert), "--tls-auth-clients", "no"]
-        if self.password:
-            command += ["--requirepass", self.password]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
-        client = self.client()
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    if time.monotonic() > deadline or self._process.poll() is not None:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save; open connections just die."""
-        if self._process is not None:
-            self._process.send_signal(signal.SIGKILL)
-            self._process.wait(timeout=5)
-            self._process = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis-plain")
@@ -187,14 +99,5 @@ def task_totals(client: redis.Redis, namespace: str, task_ids: Sequence[str]) ->
     return out
 
 
-def delete_namespace(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-__all__ = ["ServerProcess", "StartServer", "free_ports"]
+__all__ = ["Certificate", "RedisServer", "ServerProcess", "StartServer", "delete_namespace",
+           "free_ports"]

@@ -8,11 +8,6 @@ test gets a fresh random namespace whose keys are deleted afterwards. Fault test
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,22 +16,11 @@ from typing import Any
 import pytest
 import redis
 from proxmo.store import MemoryStore, RedisStore, SuccessRateStore
+from support.redis_server import RedisServer, delete_namespace
 
 REDIS_URL = os.environ.get("PROXMO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 StoreFactory = Callable[..., SuccessRateStore]
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    """Deletes every key of ``namespace`` (tasks, index, request claims)."""
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -92,58 +76,6 @@ def make_store(store_kind: str, namespace: str, request: pytest.FixtureRequest) 
     if url:
         for ns in used:
             delete_namespace(url, ns)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server that a test may SIGKILL and restart on the same port.
-
-    Persistence is append-only with fsync on every write, so a restart after SIGKILL keeps every
-    acknowledged write (a production Redis holding training history should run with AOF too);
-    without it a restart would lose the history itself, not just the outage's updates.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = directory
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                "--dir", str(self._dir), "--logfile", "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=0.2, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 5
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save; open connections just die."""
-        if self._process is not None:
-            self._process.send_signal(signal.SIGKILL)
-            self._process.wait(timeout=5)
-            self._process = None
 
 
 @pytest.fixture
