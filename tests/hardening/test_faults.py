@@ -117,7 +117,11 @@ def test_sigterm_under_load_loses_no_accepted_request(start_server: StartServer,
     outcomes = asyncio.run(hammer(server.grpc_target, 12, keep_going, f"{namespace}-sig"))
     assert server.proc.wait(timeout=60) == 0
     codes = Counter(code for code, _ in outcomes)
-    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    # A call that reaches the socket in the last instant, while grpc's own stop() runs after the
+    # drain, can come back CANCELLED (seen once in CI-like runs). The guarantee is about accepted
+    # work: the server's OK count and the store totals below prove that no cancelled call was
+    # applied and no computed answer was lost.
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
     assert codes["OK"] >= 40 and codes["UNAVAILABLE"] == 12, codes
     # Every answer the server computed reached its client, and nothing refused was applied:
     # the stored totals are exactly the OK'd batches.
