@@ -62,10 +62,21 @@ class Embedding(Protocol):
     encoded: int  # distinct texts the encoder actually ran on (cache misses)
 
 
+class Prefetched(Protocol):
+    """What ``proxmo.encoder.PrefetchResult`` carries."""
+
+    distinct: int
+    cached: int
+    queued: int
+    dropped: int
+
+
 class TextEmbedder(Protocol):
     """What the engine needs from ``proxmo.encoder.Embedder``."""
 
     async def embed_detailed(self, texts: Sequence[str]) -> Embedding: ...
+
+    async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> Prefetched: ...
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,22 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
                     f"{len(step.state_embedding)} values exceed the limit of "
                     f"{limits.max_embedding_dim}",
                 )
+
+
+def check_prefetch_limits(request: pb.PrefetchStatesRequest, limits: Limits) -> None:
+    """A PrefetchStates request holds at most a batch's worth of states, each within the
+    state limit."""
+    if len(request.states) > limits.max_total_steps:
+        raise LimitExceeded(
+            "states",
+            f"{len(request.states)} states exceed the limit of {limits.max_total_steps}",
+        )
+    for i, state in enumerate(request.states):
+        if len(state) > limits.max_state_chars:
+            raise LimitExceeded(
+                f"states[{i}]",
+                f"{len(state)} characters exceed the limit of {limits.max_state_chars}",
+            )
 
 
 def _check_deadline(deadline: float | None, stage: str) -> None:
@@ -414,6 +441,24 @@ class Engine:
         response.timing.total_ns = _ns(time.monotonic() - received)
         self._record(response, store_s)
         return response
+
+    async def prefetch_states(
+        self, request: pb.PrefetchStatesRequest
+    ) -> pb.PrefetchStatesResponse:
+        """Queue the request's states for background embedding (see ``Embedder.prefetch``).
+        Raises LimitExceeded, or FailedPrecondition when this server has no encoder."""
+        check_prefetch_limits(request, self.limits)
+        if self.embedder is None:
+            raise FailedPrecondition(
+                "states",
+                "PrefetchStates feeds the sentence encoder, and this server runs without one "
+                "(its ENCODER similarity is off)",
+            )
+        result = await self.embedder.prefetch(list(request.states), wait=request.wait)
+        return pb.PrefetchStatesResponse(
+            distinct_states=result.distinct, cached_states=result.cached,
+            queued_states=result.queued, dropped_states=result.dropped,
+        )
 
     async def _complete(
         self,

@@ -1,9 +1,10 @@
 """A real gRPC server on a free loopback port, for testing the client's own behaviour.
 
 ``ScriptedServicer`` implements the generated CreditAssignmentServiceServicer: it can fail the
-first N calls with UNAVAILABLE, sleep, or fail with a chosen status, and it
-records every call's request_id and metadata. Its advantages are a fixed function of the input
-(advantage of a step = its reward * 10 + its step index), so results can be checked exactly.
+first N calls with UNAVAILABLE (or another code, e.g. CANCELLED as a terminating replica
+answers), sleep, or fail with a chosen status, and it records every call's request_id, metadata
+and request. Its advantages are a fixed function of the input (advantage of a step =
+its reward * 10 + its step index), so results can be checked exactly.
 The real proxmo server is tested in its own area; this one tests retries, deadlines and metadata
 over a real socket.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -25,23 +27,30 @@ class Call:
     method: str
     request_id: str
     metadata: dict[str, str]
+    request: Any = None
 
 
 @dataclass
 class ScriptedServicer(pb_grpc.CreditAssignmentServiceServicer):
-    unavailable_first: int = 0  # fail this many calls (of any method) with UNAVAILABLE
+    fail_first: int = 0  # fail this many calls (of any method) with fail_first_code
+    fail_first_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     fail_with: grpc.StatusCode | None = None  # then fail every call with this code
     fail_details: str = "scripted failure"
     delay_s: float = 0.0
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _enter(self, method: str, request_id: str, context: grpc.ServicerContext) -> None:
+    def _enter(
+        self, method: str, request_id: str, context: grpc.ServicerContext, request: Any = None
+    ) -> None:
+        metadata = dict(context.invocation_metadata())
         with self.lock:
-            self.calls.append(Call(method, request_id, dict(context.invocation_metadata())))
-            failing = len(self.calls) <= self.unavailable_first
+            self.calls.append(Call(method, request_id, metadata, request))
+            failing = len(self.calls) <= self.fail_first
         if failing:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: not ready")
+            code = self.fail_first_code
+            unavailable = code is grpc.StatusCode.UNAVAILABLE
+            context.abort(code, "scripted: not ready" if unavailable else f"scripted: {code.name}")
         if self.fail_with is not None:
             context.abort(self.fail_with, self.fail_details)
         if self.delay_s:
@@ -69,6 +78,14 @@ class ScriptedServicer(pb_grpc.CreditAssignmentServiceServicer):
         for request in request_iterator:
             self._enter("StreamAdvantages", request.request_id, context)
             yield self.answer(request)
+
+    def PrefetchStates(self, request, context):  # noqa: N802
+        """All distinct texts queued, or (``wait``) already embedded by the time of the answer."""
+        self._enter("PrefetchStates", "", context, request)
+        distinct = len(set(request.states))
+        if request.wait:
+            return pb.PrefetchStatesResponse(distinct_states=distinct, cached_states=distinct)
+        return pb.PrefetchStatesResponse(distinct_states=distinct, queued_states=distinct)
 
     def GetSuccessRates(self, request, context):  # noqa: N802
         self._enter("GetSuccessRates", "", context)

@@ -18,7 +18,9 @@ from grpc_health.v1 import health_pb2
 from proxmo_client import (
     AsyncProxmoClient,
     BuildError,
+    CancelledError,
     DeadlineExceededError,
+    FailedPreconditionError,
     HealthStatus,
     InvalidArgumentError,
     ProxmoClient,
@@ -41,7 +43,7 @@ FAST_RETRY = {"retry_backoff_s": 0.01, "retry_max_backoff_s": 0.02}
 
 
 def test_compute_retries_unavailable_with_the_same_request_id(scripted_server: RunningServer):
-    scripted_server.servicer.unavailable_first = 2
+    scripted_server.servicer.fail_first = 2
     with ProxmoClient(scripted_server.target, max_retries=3, **FAST_RETRY) as client:
         response = client.compute_advantages(TRAJECTORIES, preset="proxmo")
     ids = [c.request_id for c in scripted_server.servicer.calls]
@@ -53,7 +55,7 @@ def test_compute_retries_unavailable_with_the_same_request_id(scripted_server: R
 
 
 def test_retries_give_up_after_max_retries(scripted_server: RunningServer):
-    scripted_server.servicer.unavailable_first = 10
+    scripted_server.servicer.fail_first = 10
     request = build_request(TRAJECTORIES, request_id="fixed-id")
     with ProxmoClient(scripted_server.target, max_retries=2, **FAST_RETRY) as client:
         with pytest.raises(UnavailableError) as info:
@@ -88,7 +90,7 @@ def test_default_deadline_surfaces_as_deadline_exceeded(scripted_server: Running
 
 
 def test_deadline_bounds_the_retries(scripted_server: RunningServer):
-    scripted_server.servicer.unavailable_first = 1000
+    scripted_server.servicer.fail_first = 1000
     start = time.monotonic()
     with ProxmoClient(
         scripted_server.target, timeout=0.5, max_retries=100, retry_backoff_s=0.05
@@ -200,7 +202,7 @@ def test_max_message_bytes_is_applied(scripted_server: RunningServer):
 
 
 def test_async_client_retries_with_the_same_request_id(scripted_server: RunningServer):
-    scripted_server.servicer.unavailable_first = 2
+    scripted_server.servicer.fail_first = 2
 
     async def scenario() -> tuple[pb.ComputeAdvantagesResponse, list[str]]:
         async with AsyncProxmoClient(
@@ -303,3 +305,182 @@ def test_closing_a_stream_early_cancels_it(scripted_server: RunningServer):
         seen = len(scripted_server.servicer.calls)
         time.sleep(0.3)
     assert len(scripted_server.servicer.calls) <= seen + 2  # the server stopped reading
+
+
+# ---- PrefetchStates
+
+
+def test_prefetch_states_sends_the_texts_and_returns_the_answer(scripted_server: RunningServer):
+    with ProxmoClient(scripted_server.target, token="tok") as client:
+        queued = client.prefetch_states(s for s in ["s0", "s1", "s0"])  # any iterable
+        waited = client.prefetch_states(["s2"], wait=True)
+    assert (queued.distinct_states, queued.queued_states, queued.cached_states) == (2, 2, 0)
+    assert (waited.distinct_states, waited.queued_states, waited.cached_states) == (1, 0, 1)
+    first, second = scripted_server.servicer.calls
+    assert first.method == second.method == "PrefetchStates"
+    assert list(first.request.states) == ["s0", "s1", "s0"] and not first.request.wait
+    assert list(second.request.states) == ["s2"] and second.request.wait
+    assert first.metadata["authorization"] == "Bearer tok"
+
+
+def test_prefetch_states_rejects_bad_input_before_sending(scripted_server: RunningServer):
+    with ProxmoClient(scripted_server.target) as client:
+        with pytest.raises(BuildError) as info:
+            client.prefetch_states(["ok", "fine", b"bytes"])  # type: ignore[list-item]
+        assert info.value.field == "states[2]"
+        assert str(info.value) == "states[2]: expected a string, got bytes"
+        with pytest.raises(BuildError) as info:
+            client.prefetch_states("one text")
+        assert info.value.field == "states"
+        with pytest.raises(BuildError) as info:
+            client.prefetch_states(["a"], wait="yes")  # type: ignore[arg-type]
+        assert info.value.field == "wait"
+    assert scripted_server.servicer.calls == []
+
+
+def test_prefetch_states_errors_are_raised_not_swallowed(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_with = grpc.StatusCode.FAILED_PRECONDITION
+    servicer.fail_details = "states: this server runs without an encoder"
+    with ProxmoClient(scripted_server.target, max_retries=5, **FAST_RETRY) as client:
+        with pytest.raises(FailedPreconditionError) as info:
+            client.prefetch_states(["s0"])
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.method == "PrefetchStates"
+    assert len(servicer.calls) == 1  # not retried
+
+
+# ---- CANCELLED from the server (a terminating replica) is retried like UNAVAILABLE
+
+
+def test_server_cancelled_is_retried_with_the_same_request_id(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_first, servicer.fail_first_code = 2, grpc.StatusCode.CANCELLED
+    with ProxmoClient(scripted_server.target, max_retries=2, **FAST_RETRY) as client:
+        response = client.compute_advantages(TRAJECTORIES)
+    ids = [c.request_id for c in servicer.calls]
+    assert len(ids) == 3 and len(set(ids)) == 1
+    assert response.request_id == ids[0]
+    assert list(response.trajectories[0].advantages) == [0.0, 11.0]
+
+
+def test_server_cancelled_is_not_retried_past_max_retries(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_first, servicer.fail_first_code = 10, grpc.StatusCode.CANCELLED
+    request = build_request(TRAJECTORIES, request_id="fixed-id")
+    with ProxmoClient(scripted_server.target, max_retries=2, **FAST_RETRY) as client:
+        with pytest.raises(CancelledError) as info:
+            client.compute_advantages(request)
+    assert info.value.code is grpc.StatusCode.CANCELLED
+    assert info.value.details == "scripted: CANCELLED"
+    assert [c.request_id for c in servicer.calls] == ["fixed-id"] * 3
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("PrefetchStates", lambda c: c.prefetch_states(["s0"])),
+        ("GetSuccessRates", lambda c: c.get_success_rates(["t"])),
+        ("ResetSuccessRates", lambda c: c.reset_success_rates(["t"])),
+        ("GetServerInfo", lambda c: c.server_info()),
+    ],
+)
+@pytest.mark.parametrize("code", [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE])
+def test_every_unary_rpc_is_retried(scripted_server: RunningServer, method, call, code):
+    servicer = scripted_server.servicer
+    servicer.fail_first, servicer.fail_first_code = 1, code
+    with ProxmoClient(scripted_server.target, max_retries=1, **FAST_RETRY) as client:
+        call(client)
+    assert [c.method for c in servicer.calls] == [method, method]
+
+
+def test_a_call_cut_by_close_is_not_retried(scripted_server: RunningServer):
+    """close() from another thread cancels a running call locally (CANCELLED): it surfaces as
+    CancelledError, no retry on the closed channel."""
+    servicer = scripted_server.servicer
+    servicer.delay_s = 1.0
+    client = ProxmoClient(scripted_server.target, max_retries=5, **FAST_RETRY)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.compute_advantages(TRAJECTORIES)
+        except BaseException as error:  # noqa: BLE001 (recorded for the assertions)
+            outcome.append(error)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    _wait_for_calls(servicer, 1)
+    client.close()
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], CancelledError), outcome
+    assert len(servicer.calls) == 1
+
+
+def test_async_client_retries_server_cancelled(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_first, servicer.fail_first_code = 2, grpc.StatusCode.CANCELLED
+
+    async def scenario() -> tuple[pb.ComputeAdvantagesResponse, pb.PrefetchStatesResponse]:
+        async with AsyncProxmoClient(scripted_server.target, max_retries=2, **FAST_RETRY) as client:
+            response = await client.compute_advantages(TRAJECTORIES)
+            prefetched = await client.prefetch_states(["s0", "s1"], wait=True)
+            return response, prefetched
+
+    response, prefetched = asyncio.run(scenario())
+    compute = [c for c in servicer.calls if c.method == "ComputeAdvantages"]
+    assert len(compute) == 3 and {c.request_id for c in compute} == {response.request_id}
+    assert (prefetched.distinct_states, prefetched.cached_states) == (2, 2)
+    assert list(servicer.calls[-1].request.states) == ["s0", "s1"]
+
+
+def test_async_client_gives_up_on_cancelled_after_max_retries(scripted_server: RunningServer):
+    servicer = scripted_server.servicer
+    servicer.fail_first, servicer.fail_first_code = 10, grpc.StatusCode.CANCELLED
+
+    async def scenario() -> None:
+        async with AsyncProxmoClient(scripted_server.target, max_retries=1, **FAST_RETRY) as client:
+            await client.compute_advantages(build_request(TRAJECTORIES, request_id="fixed-id"))
+
+    with pytest.raises(CancelledError) as info:
+        asyncio.run(scenario())
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert [c.request_id for c in servicer.calls] == ["fixed-id"] * 2
+
+
+def test_async_local_cancellation_is_not_retried(scripted_server: RunningServer):
+    """Cancelling the caller's task raises asyncio.CancelledError at once, in flight or in the
+    back-off, and sends nothing more."""
+    servicer = scripted_server.servicer
+
+    async def cancel_after_first_call(client: AsyncProxmoClient) -> None:
+        task = asyncio.create_task(client.compute_advantages(TRAJECTORIES))
+        while not servicer.calls:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=2)
+        await asyncio.sleep(0.6)  # longer than a back-off: a retry would have arrived
+
+    async def scenario() -> None:
+        async with AsyncProxmoClient(
+            scripted_server.target, max_retries=5, retry_backoff_s=0.4, retry_max_backoff_s=0.4
+        ) as client:
+            servicer.delay_s = 1.0  # in flight
+            await cancel_after_first_call(client)
+            assert len(servicer.calls) == 1
+            servicer.calls.clear()
+            servicer.delay_s, servicer.fail_first = 0.0, 1000  # in the back-off
+            await cancel_after_first_call(client)
+            assert len(servicer.calls) == 1
+
+    asyncio.run(scenario())
+
+
+def _wait_for_calls(servicer: ScriptedServicer, n: int, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while len(servicer.calls) < n:
+        assert time.monotonic() < end, f"the server saw {len(servicer.calls)} calls, not {n}"
+        time.sleep(0.01)

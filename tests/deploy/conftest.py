@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import redis
+from support.proxmo_server import ProxmoServer, free_ports  # noqa: F401 (free_ports: tests)
+from support.redis_server import delete_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TOOLS_BIN = ROOT / ".tools" / "node_modules" / ".bin"
 NODE_CLIENT = ROOT / "clients" / "node"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def tool(name: str, where: Path | None = None) -> str:
@@ -68,70 +63,23 @@ def node_client_ready() -> str:
     return node
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+class LiveServer(ProxmoServer):
+    """The deployment tests' server: the encoder and the shared Redis under ``namespace``."""
 
-
-@dataclass
-class LiveServer:
-    grpc_port: int
-    http_port: int
-    namespace: str
-    log_path: Path
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+    def __init__(self, log_path: Path, namespace: str) -> None:
+        self.namespace = namespace
+        super().__init__(["--redis-url", REDIS_URL, "--namespace", namespace,
+                          "--encoder-backend", "auto", "--encoder-threads", "1",
+                          "--compute-threads", "1"], log_path)
 
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A real proxmo-server with the encoder and the shared Redis, ready (``/readyz`` 200)."""
-    grpc_port, http_port = free_ports(2)
+    """A real proxmo-server with the encoder and the shared Redis, ready."""
     namespace = f"proxmo-deploy-test-{uuid.uuid4().hex[:8]}"
-    log_path = tmp_path_factory.mktemp("deploy") / "server.log"
-    command = [str(BIN / "proxmo-server"), "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-               "--redis-url", REDIS_URL, "--namespace", namespace,
-               "--encoder-backend", "auto", "--encoder-threads", "1", "--compute-threads", "1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **OFFLINE_ENV})
-    server = LiveServer(grpc_port, http_port, namespace, log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{server.http_url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready in 120 s:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield server
+        with LiveServer(tmp_path_factory.mktemp("deploy") / "server.log", namespace) as server:
+            server.wait_ready(timeout=120)
+            yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{namespace}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_namespace(REDIS_URL, namespace)

@@ -4,95 +4,30 @@ GetServerInfo reports the backend, and the second server encodes nothing the fir
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-import httpx
 import numpy as np
 import pytest
-import redis
 from proxmo.encoder.embedder import shared_cache_key
 from proxmo_client.v1 import proxmo_pb2 as pb
-from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
+from support.proxmo_server import ProxmoServer
+from support.redis_server import delete_namespace
 
 from .alfworld_states import alfworld_groups
 from .conftest import delete_keys
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVER_BIN = Path(sys.executable).parent / "proxmo-server"
 PACKAGED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 FP16_ADVANTAGE_ATOL = 2e-4  # see test_embedder.py: fp16 shared-cache values, measured ~1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Server(ProxmoServer):
+    """A server with the torch-cpu encoder on one thread."""
 
-
-class Server:
     def __init__(self, log_path: Path, *args: str) -> None:
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(SERVER_BIN), "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-             "--http-port", str(self.http_port), "--compute-threads", "1",
-             "--encoder-backend", "torch-cpu", "--encoder-threads", "1", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-        self.stub = pb_grpc.CreditAssignmentServiceStub(self.channel)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.logs()}")
-            try:
-                url = f"http://127.0.0.1:{self.http_port}/readyz"
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.logs()}")
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            series, value = line.rsplit(" ", 1)
-            metric, _, label_text = series.partition("{")
-            found = dict(p.split("=", 1) for p in label_text.rstrip("}").split(",") if p)
-            if metric == name and all(found.get(k, "").strip('"') == v for k, v in labels.items()):
-                return float(value)
-        return 0.0
-
-    def logs(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        super().__init__(["--compute-threads", "1", "--encoder-backend", "torch-cpu",
+                          "--encoder-threads", "1", *args], log_path)
 
 
 @pytest.fixture
@@ -103,15 +38,12 @@ def two_servers(tmp_path: Path, redis_url: str) -> Iterator[tuple[Server, Server
     servers = [Server(tmp_path / f"server-{i}.log", *args) for i in range(2)]
     try:
         for server in servers:
-            server.wait_ready()
+            server.wait_ready(timeout=180)
         yield servers[0], servers[1], namespace
     finally:
         for server in servers:
             server.stop()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        client.close()
-        delete_keys(redis_url, keys)
+        delete_namespace(redis_url, namespace)
 
 
 def encoder_request(nonce: str, similarity: int) -> pb.ComputeAdvantagesRequest:

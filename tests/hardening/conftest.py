@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import ssl
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 from server.conftest import (  # noqa: F401 (start_server is a fixture, re-exported here)
@@ -57,20 +54,8 @@ def https_url(server: ServerProcess) -> str:
 
 
 def wait_ready_tls(server: ServerProcess, ca: Path, timeout: float = 60.0) -> None:
-    """``ServerProcess.wait_ready`` for a server that speaks HTTPS."""
-    context = ssl.create_default_context(cafile=str(ca))
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited {server.proc.returncode}:\n{server.logs()}")
-        try:
-            answer = httpx.get(f"{https_url(server)}/readyz", verify=context, timeout=1)
-            if answer.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"server not ready in {timeout} s:\n{server.logs()}")
+    """``ServerProcess.wait_ready`` for a server that speaks TLS (HTTPS and gRPC)."""
+    server.wait_ready(timeout, ca=ca)
 
 
 def exit_of(server: ServerProcess, timeout: float = 30.0) -> int:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from proxmo_client import ProxmoClient, UnauthenticatedError
 from proxmo_client.v1 import proxmo_pb2 as pb
 from server.conftest import make_request, unique
+from support.proxmo_server import metric_value
 
 from hardening.conftest import ServerProcess, StartServer, exit_of
 
@@ -35,32 +36,20 @@ GOOD = {"authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server with an auth token and a metrics token; debug JSON logs (everything logged)."""
-    server = ServerProcess(
+    with ServerProcess(
         ["--auth-token", TOKEN, "--metrics-token", METRICS_TOKEN, "--log-format", "json",
          "--log-level", "debug"],
         tmp_path_factory.mktemp("auth") / "server.log",
-    )
-    try:
-        server.wait_ready()  # /readyz is open: probes carry no credentials
+    ) as server:
+        server.wait_ready()  # /readyz and gRPC health are open: probes carry no credentials
         yield server
-    finally:
-        server.stop()
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
     """``ServerProcess.metric`` through the metrics token."""
     text = httpx.get(f"{server.http_url}/metrics", timeout=5,
                      headers={"authorization": f"Bearer {METRICS_TOKEN}"}).text
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        series, value = line.rsplit(" ", 1)
-        metric_name, _, label_text = series.partition("{")
-        found = dict(p.split("=", 1) for p in label_text.rstrip("}").split(",") if p)
-        if metric_name == name and all(found.get(k, "").strip('"') == v
-                                       for k, v in labels.items()):
-            return float(value)
-    return 0.0
+    return metric_value(text, name, **labels)
 
 
 def history_request(prefix: str) -> pb.ComputeAdvantagesRequest:

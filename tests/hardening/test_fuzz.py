@@ -42,15 +42,12 @@ COMPUTE = "/proxmo.v1.CreditAssignmentService/ComputeAdvantages"
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(
+    with ServerProcess(
         ["--similarity", "tfidf", "--encoder-backend", "torch-cpu", "--encoder-threads", "1"],
         tmp_path_factory.mktemp("fuzz") / "server.log", encoder=True,
-    )
-    try:
+    ) as server:
         server.wait_ready(timeout=180)
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

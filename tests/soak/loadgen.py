@@ -22,23 +22,23 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proxmo_client.v1 import proxmo_pb2 as pb
 from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from support.proxmo_server import ProxmoServer
 
 STATES = (
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1.",
@@ -240,41 +240,21 @@ async def run_load(
 # --- script ---------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
+def _spawn(server_args: list[str], log_path: Path) -> ProxmoServer:
+    """A ready proxmo-server (tests/support/proxmo_server.py; tests/ joins sys.path when this
+    file runs as a script)."""
+    tests = str(Path(__file__).resolve().parents[1])
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support.proxmo_server import ProxmoServer
+
+    server = ProxmoServer(server_args, log_path)
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    grpc_port, http_port = _free_ports(2)
-    binary = Path(sys.executable).parent / "proxmo-server"
-    process = subprocess.Popen(
-        [str(binary), "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port",
-         str(http_port), *server_args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    target = f"127.0.0.1:{grpc_port}"
-    deadline = time.monotonic() + 180
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:  # SERVING only once warm (GetServerInfo answers earlier)
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, target
-            except grpc.RpcError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("the spawned server did not become ready")
-            time.sleep(0.1)
+        server.wait_ready(timeout=180)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,18 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.spawn and not args.target:
         parser.error("give --target or --spawn")
-    process = None
     target, pid = args.target, args.pid
-    if args.spawn:
-        process, target = _spawn(args.server_args.split())
-        pid = process.pid
-    try:
-        report = asyncio.run(run_load(target, clients=args.clients, seconds=args.seconds,
-                                      pid=pid, token=args.token))
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+    with tempfile.TemporaryDirectory(prefix="proxmo-loadgen-") as scratch:
+        server = _spawn(args.server_args.split(), Path(scratch) / "server.log") \
+            if args.spawn else None
+        if server is not None:
+            target, pid = server.grpc_target, server.proc.pid
+        try:
+            report = asyncio.run(run_load(target, clients=args.clients, seconds=args.seconds,
+                                          pid=pid, token=args.token))
+        finally:
+            if server is not None:
+                server.stop(timeout=60)
     print(json.dumps({"target": target, **report.as_dict()}, indent=2))
     return 1 if report.errors else 0
 

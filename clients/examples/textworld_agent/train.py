@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from proxmo_client import ProxmoClient
+from proxmo_client import ProxmoClient, ProxmoError
 
 from .games import Game, Observation
 from .policy import PairScorer, StepChoices, TextEmbedder, ppo_update
@@ -123,6 +123,7 @@ def train_run(
     run_id = f"{spec.name}/seed{seed}/{time.time_ns()}"
     records: list[dict[str, Any]] = []
     env_steps = 0
+    prefetch = spec.overrides.get("similarity") == "encoder"
     try:
         for iteration in range(config.iterations):
             started = time.perf_counter()
@@ -149,6 +150,13 @@ def train_run(
                             break
                     episode.won = game.won
                     wins.append(episode.won)
+                    if prefetch:
+                        # The server embeds these while the next rollouts run, so the
+                        # iteration's ComputeAdvantages finds them cached. Only a hint.
+                        try:
+                            client.prefetch_states(episode.states)
+                        except ProxmoError as error:
+                            print(f"prefetch skipped: {error}")
                     trajectories.append({
                         "trajectory_id": f"{game.name}/r{r}",
                         "group_id": f"{run_id}/it{iteration}/{game.name}",

@@ -8,9 +8,12 @@
  *
  * Behaviour shared with the Python client (proxmo_client):
  *  - every unary call has a deadline (timeoutMs, default 30 s) covering its retries;
- *  - only UNAVAILABLE is retried (server unreachable, warming up or draining), with backoff
- *    min(maxBackoffMs, backoffMs * 2^k) * U(0.5, 1]; a ComputeAdvantages retry re-sends the
- *    same request_id, so the server applies the batch's success-rate update once.
+ *  - UNAVAILABLE (server unreachable, warming up or draining) and CANCELLED from the server (a
+ *    terminating replica cancels calls that reach it while grpc's own stop() runs) are retried,
+ *    with backoff min(maxBackoffMs, backoffMs * 2^k) * U(0.5, 1]. Every unary RPC is safe to
+ *    repeat: a ComputeAdvantages retry re-sends the same request_id, so the server applies the
+ *    batch's success-rate update once; the others are reads or idempotent. This client never
+ *    cancels a call itself, and a closed client retries nothing.
  */
 const path = require('node:path');
 const crypto = require('node:crypto');
@@ -220,6 +223,19 @@ function buildRequest(trajectories, options = {}) {
   };
 }
 
+/** A PrefetchStatesRequest: the state texts, each a string (BuildError names states[i]). */
+function buildPrefetchRequest(states, { wait = false } = {}) {
+  if (!Array.isArray(states)) throw new BuildError('states', 'expected an array of strings');
+  states.forEach((text, i) => {
+    if (typeof text !== 'string') throw new BuildError(`states[${i}]`, `expected a string, got ${typeof text}`);
+  });
+  if (typeof wait !== 'boolean') throw new BuildError('wait', `expected a boolean, got ${JSON.stringify(wait)}`);
+  return { states, wait };
+}
+
+// Status codes worth another attempt (see the header).
+const RETRIED = new Set([grpc.status.UNAVAILABLE, grpc.status.CANCELLED]);
+
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 class ProxmoClient {
@@ -234,6 +250,7 @@ class ProxmoClient {
     this.backoffMs = options.backoffMs ?? 100;
     this.maxBackoffMs = options.maxBackoffMs ?? 5000;
     this.protoRoot = options.protoRoot ?? DEFAULT_PROTO_ROOT;
+    this.closed = false;
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     const { proto } = loadProto(this.protoRoot);
     this.stub = new proto.CreditAssignmentService(
@@ -255,6 +272,18 @@ class ProxmoClient {
     return this.unary('ComputeAdvantages', request, options.timeoutMs);
   }
 
+  /**
+   * Asks the server to embed these state texts in the background, so that a later
+   * computeAdvantages with ENCODER similarity finds them cached. Call it from the rollout loop
+   * as each trajectory finishes; without `wait` the server answers once they are queued (with
+   * `wait`, once embedded). Only a hint: a failure never changes a result, so a rollout loop
+   * may ignore its errors (they still reject, e.g. FAILED_PRECONDITION without an encoder).
+   * Resolves to {distinct_states, cached_states, queued_states, dropped_states}.
+   */
+  prefetchStates(states, { wait = false, timeoutMs } = {}) {
+    return this.unary('PrefetchStates', buildPrefetchRequest(states, { wait }), timeoutMs);
+  }
+
   /** Success-rate histories by task id, or one page of a task-id prefix. */
   getSuccessRates({ taskIds = [], prefix = '', pageSize = 0, pageToken = '', timeoutMs } = {}) {
     return this.unary('GetSuccessRates',
@@ -267,6 +296,7 @@ class ProxmoClient {
   }
 
   close() {
+    this.closed = true;
     this.stub.close();
   }
 
@@ -283,10 +313,11 @@ class ProxmoClient {
       } catch (error) {
         if (error.code === undefined) throw error;
         const delay = Math.min(this.maxBackoffMs, this.backoffMs * 2 ** attempt) * (0.5 + Math.random() / 2);
-        const retry = error.code === grpc.status.UNAVAILABLE && attempt < this.maxRetries
+        const retry = RETRIED.has(error.code) && !this.closed && attempt < this.maxRetries
           && Date.now() + delay < deadline;
         if (!retry) throw new ProxmoError(error, method);
         await sleep(delay);
+        if (this.closed) throw new ProxmoError(error, method); // closed during the back-off
       }
     }
   }
@@ -297,6 +328,7 @@ module.exports = {
   ProxmoClient,
   ProxmoError,
   buildConfig,
+  buildPrefetchRequest,
   buildRequest,
   loadProto,
   DEFAULT_PROTO_ROOT,

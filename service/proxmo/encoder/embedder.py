@@ -17,12 +17,21 @@
    thread that runs the backend (length-sorted micro-batches, see base.py).
 
 Everything returned is renormalized in float64: x / |x|_2.
+
+``Embedder.prefetch(texts)`` queues texts for embedding in the background (the PrefetchStates
+RPC): a loop feeds them to the batcher in small chunks of similar length (shortest first) that
+run only while no caller is waiting,
+so a caller waits at most one chunk for background work. A caller that needs a text still in the
+queue takes it out and encodes it at once; one that needs a text of the running chunk awaits it.
+Nothing is encoded twice, and results are the same as for a call that found an empty cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -33,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from .base import PROBE_TEXTS, BackendUnavailable, EncoderBackend
 from .chain import select_backend
@@ -45,6 +54,9 @@ log = logging.getLogger("proxmo.encoder")
 REDIS_KEY_PREFIX = "proxmo"
 REDIS_BACKOFF_S = 5.0  # after a Redis error, skip it this long instead of paying a timeout per call
 MAX_WAIT_S = 0.002  # how long a lone caller waits for company
+# Background (prefetch) chunks: small, so that a caller arriving meanwhile waits little
+# (~0.4 s of MiniLM on 2 CPU cores; milliseconds on a GPU).
+PREFETCH_CHUNK_TOKENS = 2048
 
 
 class EncoderMetrics:
@@ -85,6 +97,22 @@ class EncoderMetrics:
         )
         self.backend_info = Info(
             "proxmo_encoder_backend", "The active encoder backend.", registry=registry
+        )
+        self.prefetch_texts = Counter(
+            "proxmo_encoder_prefetch_texts",
+            "Distinct texts of PrefetchStates calls, by outcome (cached: nothing to do; queued; "
+            "dropped: the queue was full).",
+            ["outcome"], registry=registry,
+        )
+        self.prefetch_queue = Gauge(
+            "proxmo_encoder_prefetch_queue",
+            "Texts waiting for background embedding (the running chunk included).",
+            registry=registry,
+        )
+        self.prefetch_errors = Counter(
+            "proxmo_encoder_prefetch_errors",
+            "Background chunks that failed (their texts are encoded when a batch needs them).",
+            registry=registry,
         )
         self.fallbacks = Counter(
             "proxmo_encoder_fallbacks",
@@ -220,6 +248,13 @@ class _Job:
     texts: list[str]
     future: asyncio.Future[np.ndarray]
     est_tokens: int
+    background: bool = False
+
+
+def estimated_tokens(text: str) -> int:
+    """A rough token count for gathering work (~4 characters a token, plus [CLS]/[SEP]);
+    micro-batches use real counts."""
+    return len(text) // 4 + 2
 
 
 class _Batcher:
@@ -243,28 +278,35 @@ class _Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 [len(texts), d] from the backend."""
+    async def encode(self, texts: list[str], *, background: bool = False) -> np.ndarray:
+        """float32 [len(texts), d] from the backend. ``background`` work runs only while no
+        other caller waits."""
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run(), name="proxmo-encoder-batcher")
         assert self._wakeup is not None
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        # Rough count for gathering only (~4 characters a token); micro-batches use real counts.
-        est = sum(len(t) // 4 + 2 for t in texts)
-        self._pending.append(_Job(texts, future, est))
+        est = sum(estimated_tokens(t) for t in texts)
+        self._pending.append(_Job(texts, future, est, background))
         self._wakeup.set()
         return await future
 
     def _take_jobs(self) -> list[_Job]:
+        """Callers' jobs first, in arrival order, up to the token budget; a background job
+        only when no caller waits (it runs alone)."""
+        callers = [j for j in self._pending if not j.background]
+        if not callers:
+            return [self._pending.pop(0)] if self._pending else []
         jobs: list[_Job] = []
         tokens = 0
-        while self._pending and (not jobs or tokens + self._pending[0].est_tokens
-                                 <= self._max_batch_tokens):
-            job = self._pending.pop(0)
+        for job in callers:
+            if jobs and tokens + job.est_tokens > self._max_batch_tokens:
+                break
             tokens += job.est_tokens
             jobs.append(job)
+        taken = {id(j) for j in jobs}
+        self._pending = [j for j in self._pending if id(j) not in taken]
         return jobs
 
     async def _run(self) -> None:
@@ -326,6 +368,25 @@ class EmbedResult:
     encoded: int  # distinct texts this call sent to the encoder
 
 
+@dataclass(frozen=True)
+class PrefetchResult:
+    """What became of the distinct texts of one ``Embedder.prefetch`` call."""
+
+    distinct: int
+    cached: int  # already in the in-process cache
+    queued: int  # queued now, or already queued or running
+    dropped: int  # the queue was full
+
+
+@dataclass
+class _Queued:
+    """A text waiting for background embedding; ``done`` is True once it is in the LRU
+    (False: its chunk failed)."""
+
+    text: str
+    done: asyncio.Future[bool]
+
+
 @dataclass
 class _Info:
     fallback_reasons: list[str] = field(default_factory=list)
@@ -365,6 +426,18 @@ class Embedder:
             backend, max_batch_tokens=settings.max_batch_tokens,
             threads=choose_cpu_threads(settings.threads), metrics=self.metrics,
         )
+        # Background embedding (prefetch), keyed by text hash: waiting, and the running chunk.
+        # At most lru_size texts wait: more would evict each other before any batch used them.
+        # Chunks are taken shortest first (a heap of (length, seq, hash); entries a caller has
+        # taken out are skipped when popped), so each chunk holds texts of similar length:
+        # taking them in arrival order pads short texts to long ones, measured 2x slower.
+        self._queue: dict[str, _Queued] = {}
+        self._by_length: list[tuple[int, int, str]] = []
+        self._sequence = itertools.count()
+        self._running: dict[str, _Queued] = {}
+        self._queue_capacity = settings.lru_size
+        self._queue_ready: asyncio.Event | None = None
+        self._prefetch_task: asyncio.Task[None] | None = None
         self._info = _Info(fallback_reasons=[str(f) for f in fallbacks])
         for failure in fallbacks:
             self.metrics.fallbacks.labels(from_backend=failure.backend, reason=failure.code).inc()
@@ -422,14 +495,37 @@ class Embedder:
                     redis_hits += 1
             missing = [i for i in missing if found[i] is None]
 
+        encoded = 0
         if missing:
-            vectors = await self._batcher.encode([distinct[i] for i in missing])
-            for i, vector in zip(missing, vectors, strict=True):
-                vector = vector.copy()  # an LRU entry must not pin the whole batch array
-                found[i] = vector
-                self._lru.put((sha, hashed[i]), vector)
-            if self._shared is not None:
-                await self._shared.set_many([hashed[i] for i in missing], vectors)
+            # Texts queued for background embedding are taken out and encoded now; texts of
+            # the running background chunk are awaited (it ends within one chunk's time).
+            promoted = [self._queue.pop(hashed[i]) for i in missing if hashed[i] in self._queue]
+            in_chunk = [(i, self._running[hashed[i]].done) for i in missing
+                        if hashed[i] in self._running]
+            fresh = [i for i in missing if hashed[i] not in self._running]
+            encoded_ok = False
+            try:
+                if fresh:
+                    vectors = await self._encode_and_store(
+                        [distinct[i] for i in fresh], [hashed[i] for i in fresh])
+                    for i, vector in zip(fresh, vectors, strict=True):
+                        found[i] = vector
+                    encoded += len(fresh)
+                encoded_ok = True
+            finally:
+                for entry in promoted:  # a prefetch(wait=True) caller may be waiting on them
+                    entry.done.set_result(encoded_ok)
+                self.metrics.prefetch_queue.set(len(self._queue) + len(self._running))
+            for i, done in in_chunk:
+                if await asyncio.shield(done):
+                    found[i] = self._lru.get((sha, hashed[i]))
+            late = [i for i, _ in in_chunk if found[i] is None]  # the chunk failed (or evicted)
+            if late:
+                vectors = await self._encode_and_store(
+                    [distinct[i] for i in late], [hashed[i] for i in late])
+                for i, vector in zip(late, vectors, strict=True):
+                    found[i] = vector
+                encoded += len(late)
 
         if lru_hits:
             self.metrics.cache_hits.labels(cache="lru").inc(lru_hits)
@@ -445,10 +541,152 @@ class Embedder:
         rows = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
         return EmbedResult(
             vectors=table[rows], distinct=len(distinct), lru_hits=lru_hits,
-            redis_hits=redis_hits, encoded=len(missing),
+            redis_hits=redis_hits, encoded=encoded,
         )
 
+    async def _encode_and_store(
+        self, texts: list[str], hashed: list[str], *, background: bool = False
+    ) -> list[np.ndarray]:
+        """Encode on the worker, then fill the LRU and the shared cache; float32 rows."""
+        vectors = await self._batcher.encode(texts, background=background)
+        sha = self.backend.model_sha256
+        rows = [vector.copy() for vector in vectors]  # an LRU entry must not pin the batch
+        for h, vector in zip(hashed, rows, strict=True):
+            self._lru.put((sha, h), vector)
+        if self._shared is not None:
+            await self._shared.set_many(hashed, vectors)
+        return rows
+
+    # --- background embedding (PrefetchStates) -------------------------------------------
+
+    async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> PrefetchResult:
+        """Queue the texts not yet embedded for background embedding. Returns at once, or with
+        ``wait`` once every queued text is embedded (RuntimeError if a chunk failed)."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}]: expected a string, got {type(text).__name__}")
+        loop = asyncio.get_running_loop()
+        sha = self.backend.model_sha256
+        distinct = list(dict.fromkeys(texts))
+        cached = dropped = 0
+        waiting: list[asyncio.Future[bool]] = []
+        for text in distinct:
+            h = text_hash(text)
+            entry = self._queue.get(h) or self._running.get(h)
+            if entry is not None:
+                waiting.append(entry.done)
+            elif self._lru.get((sha, h)) is not None:
+                cached += 1
+            elif len(self._queue) >= self._queue_capacity:
+                dropped += 1
+            else:
+                entry = _Queued(text, loop.create_future())
+                self._queue[h] = entry
+                heapq.heappush(self._by_length, (len(text), next(self._sequence), h))
+                waiting.append(entry.done)
+        queued = len(distinct) - cached - dropped
+        for outcome, count in (("cached", cached), ("queued", queued), ("dropped", dropped)):
+            if count:
+                self.metrics.prefetch_texts.labels(outcome=outcome).inc(count)
+        self.metrics.prefetch_queue.set(len(self._queue) + len(self._running))
+        if self._queue:
+            self._start_prefetch_loop()
+        if wait and waiting:
+            results = await asyncio.gather(*(asyncio.shield(f) for f in waiting))
+            if not all(results):
+                raise RuntimeError(
+                    f"{results.count(False)} of {len(results)} texts could not be embedded "
+                    "(see the server log); they will be encoded when a batch needs them"
+                )
+        return PrefetchResult(distinct=len(distinct), cached=cached, queued=queued,
+                              dropped=dropped)
+
+    def _start_prefetch_loop(self) -> None:
+        if self._prefetch_task is None:
+            self._queue_ready = asyncio.Event()
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self._prefetch_loop(), name="proxmo-encoder-prefetch")
+        assert self._queue_ready is not None
+        self._queue_ready.set()
+
+    def _take_chunk(self) -> dict[str, _Queued]:
+        """The shortest queued texts, up to PREFETCH_CHUNK_TOKENS (at least one)."""
+        budget = min(PREFETCH_CHUNK_TOKENS, self.settings.max_batch_tokens)
+        if len(self._by_length) > 2 * len(self._queue) + 1024:  # mostly entries taken out
+            self._by_length = [item for item in self._by_length if item[2] in self._queue]
+            heapq.heapify(self._by_length)
+        chunk: dict[str, _Queued] = {}
+        tokens = 0
+        while self._by_length:
+            h = self._by_length[0][2]
+            entry = self._queue.get(h)
+            if entry is None:  # taken out by a caller meanwhile
+                heapq.heappop(self._by_length)
+                continue
+            cost = estimated_tokens(entry.text)
+            if chunk and tokens + cost > budget:
+                break
+            heapq.heappop(self._by_length)
+            del self._queue[h]
+            chunk[h] = entry
+            tokens += cost
+        return chunk
+
+    async def _prefetch_loop(self) -> None:
+        assert self._queue_ready is not None
+        while True:
+            await self._queue_ready.wait()
+            if not self._queue:
+                self._by_length.clear()  # only entries callers took out are left
+                self._queue_ready.clear()
+                continue
+            self._running = self._take_chunk()
+            ok = False
+            try:
+                await self._embed_chunk(self._running)
+                ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a hint failed; the batch will encode them
+                self.metrics.prefetch_errors.inc()
+                log.exception("background embedding of %d texts failed", len(self._running))
+            finally:
+                for entry in self._running.values():
+                    if not entry.done.done():
+                        entry.done.set_result(ok)
+                self._running = {}
+                self.metrics.prefetch_queue.set(len(self._queue))
+
+    async def _embed_chunk(self, chunk: dict[str, _Queued]) -> None:
+        """Shared cache first, then the backend (at background priority); results to the
+        LRU."""
+        hashed = list(chunk)
+        sha = self.backend.model_sha256
+        if self._shared is not None:
+            hits = await self._shared.get_many(hashed)
+            for h, vector in zip(hashed, hits, strict=True):
+                if vector is not None:
+                    self._lru.put((sha, h), vector)
+                    self.metrics.cache_hits.labels(cache="redis").inc()
+            hashed = [h for h, vector in zip(hashed, hits, strict=True) if vector is None]
+        if hashed:
+            await self._encode_and_store([chunk[h].text for h in hashed], hashed,
+                                         background=True)
+
     async def close(self) -> None:
+        if self._prefetch_task is not None:
+            self._prefetch_task.cancel()
+            try:
+                await self._prefetch_task
+            except asyncio.CancelledError:
+                pass
+            self._prefetch_task = None
+        for entry in [*self._queue.values(), *self._running.values()]:
+            if not entry.done.done():
+                entry.done.set_result(False)
+        self._queue.clear()
+        self._by_length.clear()
+        self._running = {}
         await self._batcher.close()
         if self._shared is not None:
             await self._shared.close()

@@ -59,6 +59,7 @@ METRICS_PATH = "/metrics"
 # create unbounded metric series.
 _HTTP_RPC = {
     ("POST", "/v1/advantages"): "ComputeAdvantages",
+    ("POST", "/v1/prefetch"): "PrefetchStates",
     ("GET", "/v1/tasks"): "GetSuccessRates",
     ("DELETE", "/v1/tasks"): "ResetSuccessRates",
     ("GET", "/v1/info"): "GetServerInfo",

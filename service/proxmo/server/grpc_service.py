@@ -182,6 +182,12 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
                 for task in pending:
                     task.cancel()
 
+    async def PrefetchStates(  # noqa: N802
+        self, request: pb.PrefetchStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefetchStatesResponse:
+        return await self._serve("PrefetchStates", context, new_request_id(),
+                                 lambda: self._rt.prefetch_states(request))
+
     async def GetSuccessRates(  # noqa: N802
         self, request: pb.GetSuccessRatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSuccessRatesResponse:

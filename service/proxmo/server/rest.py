@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import proxmo
@@ -65,12 +65,16 @@ def _error_response(status: ErrorStatus, request_id: str) -> JSONResponse:
                         headers={"x-request-id": header_value(request_id)})
 
 
-def _parse_request(body: bytes) -> pb.ComputeAdvantagesRequest:
-    request = pb.ComputeAdvantagesRequest()
+M = TypeVar("M", bound=Message)
+
+
+def _parse_request(body: bytes, request: M) -> M:
+    """``body`` (proto3 JSON) parsed into ``request``; InvalidArgument("body") otherwise."""
     try:
         json_format.Parse(body, request)
     except json_format.ParseError as error:
-        raise InvalidArgument("body", f"not a ComputeAdvantagesRequest: {error}") from None
+        name = request.DESCRIPTOR.name
+        raise InvalidArgument("body", f"not a {name}: {error}") from None
     except UnicodeDecodeError:
         raise InvalidArgument("body", "not UTF-8 JSON") from None
     return request
@@ -91,6 +95,17 @@ _ADVANTAGES_BODY: dict[str, Any] = {
                     {"state": "You are in the kitchen.", "reward": 0.0}]},
             ],
             "config": {"preset": "proxmo"},
+        }}},
+    }
+}
+
+
+_PREFETCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A proxmo.v1.PrefetchStatesRequest in the proto3 JSON mapping.",
+        "content": {_JSON: {"schema": {"type": "object"}, "example": {
+            "states": ["You are in the kitchen.", "You see a mug."], "wait": False,
         }}},
     }
 }
@@ -166,7 +181,7 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
         try:
             body = await _read_body(request, runtime.settings.max_message_bytes)
             # Parsing a large batch takes milliseconds: keep it off the event loop.
-            message = await asyncio.to_thread(_parse_request, body)
+            message = await asyncio.to_thread(_parse_request, body, pb.ComputeAdvantagesRequest())
         except Exception as exc:
             request_id = new_request_id()
             status = classify(exc, request_id)
@@ -180,6 +195,18 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
                                          wait_for_slot=False)
 
         return await serve("ComputeAdvantages", request_id, compute)
+
+    @app.post("/v1/prefetch", tags=["advantages"], openapi_extra=_PREFETCH_BODY,
+              summary="PrefetchStates: embed states in the background, ahead of their batch")
+    async def prefetch(request: Request) -> Response:
+        request_id = new_request_id()
+
+        async def call() -> pb.PrefetchStatesResponse:
+            body = await _read_body(request, runtime.settings.max_message_bytes)
+            message = await asyncio.to_thread(_parse_request, body, pb.PrefetchStatesRequest())
+            return await runtime.prefetch_states(message)
+
+        return await serve("PrefetchStates", request_id, call)
 
     @app.get("/v1/tasks", tags=["success rates"],
              summary="GetSuccessRates: per-task success-rate histories")

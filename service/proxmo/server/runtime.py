@@ -136,6 +136,14 @@ class Runtime:
                 raise DeadlineExceeded("deadline exceeded before the work started; nothing done")
             return await self.engine.compute(request, deadline=deadline, received_at=received_at)
 
+    async def prefetch_states(
+        self, request: pb.PrefetchStatesRequest
+    ) -> pb.PrefetchStatesResponse:
+        """Ready check, then ``Engine.prefetch_states``. No admission slot: it queues work that
+        runs only while no computation waits, and the queue is bounded."""
+        self.lifecycle.check_ready()
+        return await self.engine.prefetch_states(request)
+
     # --- success rates --------------------------------------------------------------------
 
     async def success_rates(self, request: pb.GetSuccessRatesRequest) -> pb.GetSuccessRatesResponse:

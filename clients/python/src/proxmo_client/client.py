@@ -5,11 +5,16 @@ Both share one behaviour:
 
 - Every unary call has a deadline: the call's ``timeout`` or the client's default (30 s). It
   covers the whole call, retries and back-off included.
-- Only UNAVAILABLE is retried (the server is unreachable, not ready or draining), up to
-  ``max_retries`` (default 5) times, ``min(max_backoff, backoff * 2**k) * U(0.5, 1]`` seconds
-  apart. A ``ComputeAdvantages`` retry re-sends the *same* ``request_id`` (a uuid4 filled in
-  before the first attempt when empty), so the server applies the batch's success-rate update
-  once.
+- UNAVAILABLE (the server is unreachable, not ready or draining) and CANCELLED coming from the
+  server (a terminating replica cancels calls that reach it while grpc's own stop() runs) are
+  retried, up to ``max_retries`` (default 5) times, ``min(max_backoff, backoff * 2**k) *
+  U(0.5, 1]`` seconds apart. Every unary RPC is safe to repeat: a ``ComputeAdvantages`` retry
+  re-sends the *same* ``request_id`` (a uuid4 filled in before the first attempt when empty),
+  so the server applies the batch's success-rate update once; the reads, ``ResetSuccessRates``
+  and ``PrefetchStates`` are idempotent. The client's own cancellations are never retried:
+  cancelling the task awaiting an ``AsyncProxmoClient`` call, or closing that client, raises
+  ``asyncio.CancelledError`` (not a gRPC error); a ``ProxmoClient`` call still running when
+  another thread closes the client raises :class:`~proxmo_client.errors.CancelledError`.
 - Streams are not retried (their requests may already be consumed); every streamed request
   still gets a ``request_id``, so re-sending a batch by hand is safe.
 - A failed RPC raises a :class:`~proxmo_client.errors.ProxmoError` subclass carrying the status
@@ -25,7 +30,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
@@ -56,7 +69,8 @@ ResponseT = TypeVar("ResponseT")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE: at most ``max_retries`` after the first attempt."""
+    """Retries of UNAVAILABLE and server-side CANCELLED: at most ``max_retries`` after the
+    first attempt."""
 
     max_retries: int = 5
     backoff_s: float = 0.1
@@ -169,11 +183,17 @@ class _Deadline:
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
 
+# CANCELLED as an RpcError comes from the server: the calls are blocking or awaited, and a local
+# cancellation surfaces otherwise (asyncio.CancelledError; a sync call cut by close() is not
+# retried, see ProxmoClient._unary).
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
 def _retry_delay(
     error: grpc.RpcError, retry: int, policy: RetryPolicy, deadline: _Deadline
 ) -> float | None:
     """Seconds to wait before retrying ``error``, or None when it must surface now."""
-    if error.code() != grpc.StatusCode.UNAVAILABLE or retry >= policy.max_retries:
+    if error.code() not in _RETRIED or retry >= policy.max_retries:
         return None
     delay = policy.delay_s(retry)
     remaining = deadline.remaining()
@@ -215,6 +235,18 @@ def _with_request_id(request: pb.ComputeAdvantagesRequest) -> pb.ComputeAdvantag
     filled.CopyFrom(request)
     filled.request_id = new_request_id()
     return filled
+
+
+def _prefetch_request(states: Iterable[str], wait: bool) -> pb.PrefetchStatesRequest:
+    if isinstance(states, (str, bytes, Mapping)) or not isinstance(states, Iterable):
+        raise BuildError("states", f"expected a list of strings, got {type(states).__name__}")
+    if not isinstance(wait, bool):
+        raise BuildError("wait", f"expected a bool, got {wait!r}")
+    texts = list(states)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BuildError(f"states[{i}]", f"expected a string, got {type(text).__name__}")
+    return pb.PrefetchStatesRequest(states=texts, wait=wait)
 
 
 def _reset_request(task_ids: Iterable[str] | None, all_tasks: bool) -> pb.ResetSuccessRatesRequest:
@@ -273,6 +305,7 @@ class ProxmoClient:
             else grpc.insecure_channel(c.target, options=c.options)
         )
         self._stub = pb_grpc.CreditAssignmentServiceStub(self._channel)
+        self._closed = False
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=_HealthCheckRequest.SerializeToString,
@@ -322,6 +355,33 @@ class ProxmoClient:
             raise error_from_rpc(error, "StreamAdvantages") from error
         finally:
             call.cancel()  # no-op once the stream has finished
+
+    def prefetch_states(
+        self, states: Iterable[str], *, wait: bool = False, timeout: float | None = None
+    ) -> pb.PrefetchStatesResponse:
+        """Asks the server to embed ``states`` in the background, so that a later
+        ``compute_advantages`` with ENCODER similarity finds them cached instead of encoding
+        them on its critical path.
+
+        Call it from the rollout loop as each trajectory finishes, with that trajectory's state
+        texts (exactly as they will appear in the batch): encoding then overlaps the rollouts.
+        Without ``wait`` the server answers as soon as the texts are queued, so it does not hold
+        up the rollouts; ``wait=True`` answers once they are embedded (warming a server up
+        front; mind ``timeout``). The response counts the distinct, already cached, queued and
+        dropped (queue full) texts.
+
+        A prefetch is only a hint: its failure never changes any result, the batch's states are
+        then encoded when the batch arrives. Errors still raise like every other call (retried
+        like them: it is idempotent), e.g. FAILED_PRECONDITION from a server without an encoder;
+        a rollout loop that must not stop for a hint wraps the call in
+        ``try: ... except ProxmoError: pass``. A non-str entry raises BuildError naming
+        ``states[i]`` before anything is sent.
+        """
+        request = _prefetch_request(states, wait)
+        response: pb.PrefetchStatesResponse = self._unary(
+            "PrefetchStates", self._stub.PrefetchStates, request, timeout
+        )
+        return response
 
     def get_success_rates(
         self,
@@ -396,6 +456,7 @@ class ProxmoClient:
     # ---- lifecycle
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> ProxmoClient:
@@ -424,10 +485,16 @@ class ProxmoClient:
             try:
                 return rpc(request, timeout=deadline.remaining(), metadata=self._conn.metadata)
             except grpc.RpcError as error:
-                delay = _retry_delay(error, attempt, self._conn.retry, deadline) if retry else None
+                # close() from another thread cancels a running call locally (CANCELLED
+                # "Channel closed!"): a closed client retries nothing.
+                delay = None
+                if retry and not self._closed:
+                    delay = _retry_delay(error, attempt, self._conn.retry, deadline)
                 if delay is None:
                     raise error_from_rpc(error, method) from error
-            time.sleep(delay)
+                time.sleep(delay)
+                if self._closed:  # closed during the back-off
+                    raise error_from_rpc(error, method) from error
             attempt += 1
 
 
@@ -478,6 +545,7 @@ class AsyncProxmoClient:
             else grpc.aio.insecure_channel(c.target, options=c.options)
         )
         self._stub = pb_grpc.CreditAssignmentServiceStub(self._channel)
+        self._closed = False
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=_HealthCheckRequest.SerializeToString,
@@ -525,6 +593,16 @@ class AsyncProxmoClient:
             raise error_from_rpc(error, "StreamAdvantages") from error
         finally:
             call.cancel()
+
+    async def prefetch_states(
+        self, states: Iterable[str], *, wait: bool = False, timeout: float | None = None
+    ) -> pb.PrefetchStatesResponse:
+        """See :meth:`ProxmoClient.prefetch_states`."""
+        request = _prefetch_request(states, wait)
+        response: pb.PrefetchStatesResponse = await self._unary(
+            "PrefetchStates", self._stub.PrefetchStates, request, timeout
+        )
+        return response
 
     async def get_success_rates(
         self,
@@ -597,6 +675,7 @@ class AsyncProxmoClient:
             await asyncio.sleep(min(poll_s, deadline.remaining() or 0.0))
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncProxmoClient:
@@ -627,10 +706,16 @@ class AsyncProxmoClient:
                     request, timeout=deadline.remaining(), metadata=self._conn.metadata
                 )
             except grpc.RpcError as error:
-                delay = _retry_delay(error, attempt, self._conn.retry, deadline) if retry else None
+                # A local cancellation (of the task, or by close()) raises asyncio.CancelledError,
+                # which is not an RpcError: it propagates as is, never retried.
+                delay = None
+                if retry and not self._closed:
+                    delay = _retry_delay(error, attempt, self._conn.retry, deadline)
                 if delay is None:
                     raise error_from_rpc(error, method) from error
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
+                if self._closed:  # closed during the back-off
+                    raise error_from_rpc(error, method) from error
             attempt += 1
 
 

@@ -44,6 +44,11 @@ class ResourceExhaustedError(ProxmoError):
     """RESOURCE_EXHAUSTED: over a size limit or the server's concurrency limit."""
 
 
+class FailedPreconditionError(ProxmoError):
+    """FAILED_PRECONDITION: valid, but this server is not configured for it (e.g. ENCODER
+    similarity or PrefetchStates on a server without an encoder)."""
+
+
 class UnavailableError(ProxmoError):
     """UNAVAILABLE: the server is unreachable, not ready or draining (retried by the client)."""
 
@@ -67,6 +72,7 @@ class CancelledError(ProxmoError):
 _BY_CODE: dict[grpc.StatusCode, type[ProxmoError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,

@@ -234,6 +234,26 @@ class ComputeAdvantagesResponse(_message.Message):
     timing: Timing
     def __init__(self, request_id: _Optional[str] = ..., trajectories: _Optional[_Iterable[_Union[TrajectoryAdvantages, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupReport, _Mapping]]] = ..., resolved_config: _Optional[_Union[EstimatorConfig, _Mapping]] = ..., replayed: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
+class PrefetchStatesRequest(_message.Message):
+    __slots__ = ("states", "wait")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[str]
+    wait: bool
+    def __init__(self, states: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class PrefetchStatesResponse(_message.Message):
+    __slots__ = ("distinct_states", "cached_states", "queued_states", "dropped_states")
+    DISTINCT_STATES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STATES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_STATES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_STATES_FIELD_NUMBER: _ClassVar[int]
+    distinct_states: int
+    cached_states: int
+    queued_states: int
+    dropped_states: int
+    def __init__(self, distinct_states: _Optional[int] = ..., cached_states: _Optional[int] = ..., queued_states: _Optional[int] = ..., dropped_states: _Optional[int] = ...) -> None: ...
+
 class GetSuccessRatesRequest(_message.Message):
     __slots__ = ("task_ids", "prefix", "page_size", "page_token")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]

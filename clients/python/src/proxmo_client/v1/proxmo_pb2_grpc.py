@@ -45,6 +45,11 @@ class CreditAssignmentServiceStub:
                 request_serializer=proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesRequest.SerializeToString,
                 response_deserializer=proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesResponse.FromString,
                 _registered_method=True)
+        self.PrefetchStates = channel.unary_unary(
+                '/proxmo.v1.CreditAssignmentService/PrefetchStates',
+                request_serializer=proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesRequest.SerializeToString,
+                response_deserializer=proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesResponse.FromString,
+                _registered_method=True)
         self.GetSuccessRates = channel.unary_unary(
                 '/proxmo.v1.CreditAssignmentService/GetSuccessRates',
                 request_serializer=proxmo_dot_v1_dot_proxmo__pb2.GetSuccessRatesRequest.SerializeToString,
@@ -92,6 +97,18 @@ class CreditAssignmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchStates(self, request, context):
+        """Embeds state texts in the background, at lower priority than any computation, so that a
+        later ComputeAdvantages with ENCODER similarity finds them cached instead of encoding them
+        on its critical path. Call it from the rollout loop as trajectories finish: encoding then
+        overlaps the rollouts. Answers once the texts are queued (or, with `wait`, embedded).
+        Errors: RESOURCE_EXHAUSTED (over a limit, naming `states` or `states[i]`), INVALID_ARGUMENT
+        (undecodable), FAILED_PRECONDITION (the server runs without an encoder), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetSuccessRates(self, request, context):
         """Reads per-task success-rate histories, by task id or paged by task-id prefix.
         """
@@ -127,6 +144,11 @@ def add_CreditAssignmentServiceServicer_to_server(servicer, server):
                     servicer.StreamAdvantages,
                     request_deserializer=proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesRequest.FromString,
                     response_serializer=proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesResponse.SerializeToString,
+            ),
+            'PrefetchStates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchStates,
+                    request_deserializer=proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesRequest.FromString,
+                    response_serializer=proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesResponse.SerializeToString,
             ),
             'GetSuccessRates': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSuccessRates,
@@ -199,6 +221,33 @@ class CreditAssignmentService:
             '/proxmo.v1.CreditAssignmentService/StreamAdvantages',
             proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesRequest.SerializeToString,
             proxmo_dot_v1_dot_proxmo__pb2.ComputeAdvantagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proxmo.v1.CreditAssignmentService/PrefetchStates',
+            proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesRequest.SerializeToString,
+            proxmo_dot_v1_dot_proxmo__pb2.PrefetchStatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
