@@ -50,7 +50,8 @@ def _exported(text: str) -> tuple[set[str], set[str]]:
 
 
 def _traffic(server: LiveServer) -> None:
-    """One real request through gRPC (history on) and one rejected request through REST."""
+    """One real request through gRPC (history on), a prefetch and an ENCODER request (cache
+    hits), and one rejected request through REST."""
     batch = [
         {"trajectory_id": f"t{i}", "group_id": "g", "task_id": "dashboard-task",
          "states": ["You are in the hall.", f"You see door {i}."], "rewards": [0.0, float(i % 2)]}
@@ -58,6 +59,9 @@ def _traffic(server: LiveServer) -> None:
     ]
     with ProxmoClient(server.grpc_target) as client:
         client.compute_advantages(batch, preset="proxmo", success_rate_source="history")
+        states = [s for t in batch for s in t["states"]]
+        client.prefetch_states(states, wait=True)
+        client.compute_advantages(batch, preset="proxmo", similarity="encoder", dry_run=True)
     bad = httpx.post(f"{server.http_url}/v1/advantages", json={"trajectories": []})
     assert bad.status_code == 422
 
