@@ -223,12 +223,26 @@ def test_thread_choice() -> None:
 
 
 def test_compile_kwargs_follow_the_installed_signature(tmp_path: Path) -> None:
-    old = {"inputs", "enabled_precisions", "truncate_double", "engine_cache_dir",
-           "cache_built_engines", "reuse_cached_engines"}
+    cache = {"engine_cache_dir", "cache_built_engines", "reuse_cached_engines",
+             "immutable_weights"}
+    # 2.9: weakly typed (use_explicit_typing defaults to False).
+    old = {"inputs", "enabled_precisions", "use_explicit_typing", "truncate_double"} | cache
     kwargs, cast = build_compile_kwargs(old, dtype="float16", cache_dir=tmp_path)
     assert kwargs["enabled_precisions"] == {torch.float16} and not cast
+    assert kwargs["use_explicit_typing"] is False
     assert "attn_bias_is_causal" not in kwargs  # absent from that version: never passed
     assert kwargs["reuse_cached_engines"] and kwargs["engine_cache_dir"].startswith(str(tmp_path))
+    # Torch-TensorRT skips its engine cache for non-refittable (immutable) engines.
+    assert kwargs["immutable_weights"] is False
+
+    # 2.10 on (until #4195): enabled_precisions still accepted, but use_explicit_typing defaults
+    # to True and then rejects {float16}; autocast must be chosen instead.
+    mid = {"arg_inputs", "enabled_precisions", "use_explicit_typing", "enable_autocast",
+           "autocast_low_precision_type"} | cache
+    kwargs, cast = build_compile_kwargs(mid, dtype="float16", cache_dir=tmp_path)
+    assert "enabled_precisions" not in kwargs and not cast
+    assert kwargs["enable_autocast"] is True and kwargs["use_explicit_typing"] is True
+    assert kwargs["autocast_low_precision_type"] == torch.float16
 
     new = {"arg_inputs", "enable_autocast", "autocast_low_precision_type", "attn_bias_is_causal"}
     kwargs, cast = build_compile_kwargs(new, dtype="float16", cache_dir=tmp_path)

@@ -85,3 +85,15 @@ def test_tensorrt_parity_and_engine_cache_reuse(model: LoadedModel, tmp_path: Pa
         assert second.cache_hit and second.cache_dir == first.cache_dir
     finally:
         second.close()
+    # A corrupt cached engine must not cost the backend: Torch-TensorRT either ignores it, or
+    # the load fails and the backend sets the cache aside (engines.failed-*) and rebuilds.
+    for engine_file in (second.cache_dir / "engines").rglob("*"):
+        if engine_file.is_file():
+            engine_file.write_bytes(b"not an engine")
+    third, failures = select_backend(settings, model=model)
+    try:
+        assert failures == [] and isinstance(third, TensorRTBackend), failures
+        cos = row_cosines(third.encode(texts()), reference_embeddings(model, texts()))
+        assert cos.min() >= 0.999
+    finally:
+        third.close()

@@ -111,7 +111,11 @@ def select_backend(
                 candidate.backend, "error", f"{candidate.dtype}: {type(e).__name__}: {e}"
             )
         if backend is not None:
-            backend.close()
+            try:
+                backend.close()
+            except Exception as e:  # noqa: BLE001 - a failed release must not stop the fallback
+                log.warning("encoder backend %s: release after failure raised %s: %s",
+                            candidate.backend, type(e).__name__, e)
         failures.append(failure)
         log.warning("encoder backend %s (%s) not used: %s", candidate.backend,
                     candidate.dtype, failure)

@@ -7,12 +7,19 @@ only here, only when this backend is tried. The pitfalls handled (serving-anchor
   by ``input_ids`` and ``attention_mask`` (independent Dims raise ConstraintViolationError),
   example inputs at the opt shape (a dim traced at 1 is specialized; min must be < opt);
 - int32 token ids, as in Torch-TensorRT's BERT examples;
-- precision: versions with ``enabled_precisions`` get ``{float16}``; newer, strongly typed
-  versions get ``enable_autocast`` with float16 when offered, else a model cast to half;
+- precision: versions that offer ``enable_autocast`` (2.10+) get it with float16 and
+  ``use_explicit_typing=True``; older ones (<= 2.9) get ``enabled_precisions={float16}`` with
+  ``use_explicit_typing=False``; a version with neither gets a model cast to half. From 2.10
+  until its removal (#4195), ``enabled_precisions`` is still accepted but ``use_explicit_typing``
+  defaults to True and then rejects any precision but float32 (AssertionError, pytorch/TensorRT
+  #4070), so autocast must win where both exist;
 - ``attn_bias_is_causal=False`` where offered: its default True rewrites a padding bias into a
   causal mask, which is wrong for a bidirectional encoder;
 - engine caches are namespaced by GPU, TensorRT, torch-tensorrt, torch, model, dtype and shape
-  profile, because Torch-TensorRT's own cache key includes none of the first four.
+  profile, because Torch-TensorRT's own cache key includes none of the first four. Torch-TensorRT
+  only writes and reads its engine cache for refittable engines (``immutable_weights=False``;
+  the default True silently disables the cache), since a cached engine is stored weight-stripped
+  and refitted with the current weights on load.
 
 The chain only uses this backend after the parity gate (cosine >= 0.999 per row against fp32 on
 padded probe batches) and a warm-up over every sequence bucket.
@@ -25,6 +32,7 @@ import inspect
 import json
 import logging
 import re
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,11 +117,13 @@ def build_compile_kwargs(
     kwargs: dict[str, Any] = {}
     cast_to_half = False
     if dtype == "float16":
-        if "enabled_precisions" in params:  # <= 2.9-era API: weakly typed, TRT may pick fp16
-            kwargs["enabled_precisions"] = {torch.float16}
-        elif "enable_autocast" in params:  # strongly typed API: autocast keeps softmax etc. fp32
+        if "enable_autocast" in params:  # 2.10+: strongly typed; autocast keeps softmax etc. fp32
             kwargs["enable_autocast"] = True
             kwargs["autocast_low_precision_type"] = torch.float16
+            kwargs["use_explicit_typing"] = True  # autocast needs it (the default from 2.10)
+        elif "enabled_precisions" in params:  # <= 2.9: weakly typed, TRT may pick fp16 kernels
+            kwargs["enabled_precisions"] = {torch.float16}
+            kwargs["use_explicit_typing"] = False  # the default there; True rejects float16
         else:
             cast_to_half = True
     if "attn_bias_is_causal" in params:
@@ -122,6 +132,11 @@ def build_compile_kwargs(
         kwargs["cache_built_engines"] = True
         kwargs["reuse_cached_engines"] = True
         kwargs["engine_cache_dir"] = str(cache_dir / "engines")
+        # The engine cache is only used for refittable engines (see the module docstring).
+        if "immutable_weights" in params:
+            kwargs["immutable_weights"] = False
+        elif "make_refittable" in params:  # the name before 2.6
+            kwargs["make_refittable"] = True
     if "timing_cache_path" in params:
         kwargs["timing_cache_path"] = str(cache_dir / "timing.cache")
     if "truncate_double" in params:
@@ -200,7 +215,19 @@ class TensorRTBackend(EncoderBackend):
             (self.cache_dir / "engines").iterdir()
         )
         try:
-            self._module = self._compile(torch_tensorrt, model)
+            try:
+                self._module = self._compile(torch_tensorrt, model)
+            except Exception as e:  # noqa: BLE001
+                if not self.cache_hit:
+                    raise
+                # A cached engine that no longer loads or refits would fail every start: set
+                # it aside (kept for inspection) and build once from scratch.
+                aside = self.cache_dir / f"engines.failed-{int(time.time())}"
+                log.warning("tensorrt: compiling with the cached engine failed (%s: %s); "
+                            "moved it to %s, building anew", type(e).__name__, e, aside)
+                (self.cache_dir / "engines").rename(aside)
+                self.cache_hit = False
+                self._module = self._compile(torch_tensorrt, model)
         except BackendUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - export/lowering/build errors all mean "fall back"
@@ -270,5 +297,9 @@ class TensorRTBackend(EncoderBackend):
         )
 
     def close(self) -> None:
-        del self._module
-        torch.cuda.empty_cache()
+        # Called by the chain while it falls back: never let a sticky CUDA error escape from here.
+        self.__dict__.pop("_module", None)
+        try:
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - releasing memory is best effort
+            log.warning("tensorrt: releasing GPU memory failed: %s", e)
