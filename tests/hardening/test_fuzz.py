@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxmo_client.v1 import proxmo_pb2 as pb
@@ -153,6 +154,40 @@ def test_fuzz_wire_bytes(fuzz_server: ServerProcess, http: httpx.Client) -> None
             check_shaped_like(request, pb.ComputeAdvantagesResponse.FromString(raw))
         answer = http.post("/v1/advantages", content=_mutate(body, rng))
         parse_rest_answer(answer.status_code, answer.text)
+
+    case()
+
+
+PREFETCH = "/proxmo.v1.CreditAssignmentService/PrefetchStates"
+
+
+def test_fuzz_prefetch_states(fuzz_server: ServerProcess, http: httpx.Client) -> None:
+    """PrefetchStates with arbitrary texts (any unicode, duplicates, empty) and corrupt wire
+    bytes and JSON: only OK / INVALID_ARGUMENT / RESOURCE_EXHAUSTED, and every OK answer
+    accounts for each distinct text exactly once."""
+    prefetch = fuzz_server.stub.PrefetchStates
+    raw_prefetch = fuzz_server.channel.unary_unary(PREFETCH)
+    texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
+
+    @FUZZ
+    @given(states=st.lists(texts | st.sampled_from(["", "Nothing happens."]), max_size=8),
+           wait=st.booleans(), seed=st.integers(0, 2**32 - 1))
+    def case(states: list[str], wait: bool, seed: int) -> None:
+        request = pb.PrefetchStatesRequest(states=states, wait=wait)
+        answer = prefetch(request, timeout=60)  # every such request is valid: it must succeed
+        assert answer.distinct_states == len(set(states))
+        assert (answer.cached_states + answer.queued_states + answer.dropped_states
+                == answer.distinct_states)
+        rng = random.Random(seed)
+        try:
+            raw_prefetch(_mutate(request.SerializeToString(), rng), timeout=60)
+        except grpc.RpcError as error:
+            assert error.code() in ALLOWED_CODES, (error.code(), error.details())
+        body = _mutate(json_format.MessageToJson(request).encode(), rng)
+        rest = http.post("/v1/prefetch", content=body)
+        assert rest.status_code in (200, 413, 422), (rest.status_code, rest.text[:300])
+        if rest.status_code != 200:
+            assert rest.json()["error"]["field"], rest.text
 
     case()
 
