@@ -148,26 +148,26 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
 
         with rt.call():  # the drain waits for the whole stream
             reader = asyncio.create_task(read())
-            pending: list[asyncio.Task[pb.ComputeAdvantagesResponse]] = []
+            # Requests taken off the wire and not yet answered: (request id, receipt time).
+            pending: dict[asyncio.Task[pb.ComputeAdvantagesResponse], tuple[str, float]] = {}
             try:
                 while True:
                     item = await queue.get()
                     if item is None:
                         break
                     index, request_id, received, task = item
-                    pending.append(task)
+                    pending[task] = (request_id, received)
                     try:
                         response = await task
                     except asyncio.CancelledError:
-                        rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
-                                  request_id=request_id, error=_cancelled_status(context))
-                        raise
+                        raise  # the finally accounts for it with the others
                     except Exception as exc:
+                        del pending[task]
                         status = in_stream(classify(exc, request_id), index)
                         rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
                                   request_id=request_id, error=status, exc=exc)
                         await _abort(context, status, request_id)
-                    pending.remove(task)
+                    del pending[task]
                     rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
                               request_id=request_id, response=response)
                     yield response
@@ -178,9 +178,14 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
                 while not queue.empty():
                     item = queue.get_nowait()
                     if item is not None:
-                        pending.append(item[3])
-                for task in pending:
+                        pending[item[3]] = (item[1], item[2])
+                # Whatever the stream stopped at (awaiting an answer, yielding one, waiting
+                # for the next request), every request taken off the wire and not answered
+                # is cancelled and counted once.
+                for task, (request_id, received) in pending.items():
                     task.cancel()
+                    rt.finish(transport=TRANSPORT, rpc="StreamAdvantages", started=received,
+                              request_id=request_id, error=_cancelled_status(context))
 
     async def PrefetchStates(  # noqa: N802
         self, request: pb.PrefetchStatesRequest, context: grpc.aio.ServicerContext
