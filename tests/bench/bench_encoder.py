@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import cpu_model  # noqa: E402
 from proxmo.core import StepBatch  # noqa: E402
 from proxmo.encoder import Embedder, EncoderSettings  # noqa: E402
 from proxmo.encoder.base import EncoderBackend, reference_embeddings  # noqa: E402
@@ -92,14 +92,7 @@ def _own_ticks() -> int:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (
         f"{cpu}, {available_cores()} cores available (torch threads {torch.get_num_threads()})"
@@ -197,12 +190,13 @@ def gemm_gflops(model: LoadedModel, tokens: int = 2048, repeats: int = 20) -> fl
 
 def floor_row(model: LoadedModel, backend: EncoderBackend, states: list[str]) -> dict[str, Any]:
     tokens = sum(len(ids) for ids in backend.tokenizer.token_ids(states))
-    flops = tokens * linear_flops_per_token(model)
+    per_token = linear_flops_per_token(model)
+    flops = tokens * per_token
     rate = gemm_gflops(model)
     return {
         "what": "16x8x50 cold, arithmetic floor (fp32)", "backend": "torch-cpu float32",
         "seconds": flops / (rate * 1e9), "target_s": TARGET_COLD_S,
-        "note": f"{tokens} tokens x {linear_flops_per_token(model) / 1e6:.1f} MFLOP = "
+        "note": f"{tokens} tokens x {per_token / 1e6:.1f} MFLOP = "
                 f"{flops / 1e12:.2f} TFLOP of matrix multiplies at the best fp32 GEMM rate "
                 f"measured here, {rate:.0f} GFLOP/s",
     }

@@ -20,18 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
-import httpx
 from proxmo.core.config import Similarity
 from proxmo.engine import Engine
 from proxmo.store.memory import MemoryStore
@@ -39,9 +34,11 @@ from proxmo_client.v1 import proxmo_pb2 as pb
 from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_model  # noqa: E402
+from support.proxmo_server import ProxmoServer  # noqa: E402
 from workload import alfworld_like_batch  # noqa: E402
 
-SERVER_BIN = Path(sys.executable).parent / "proxmo-server"
 COMPUTE_METHOD = "/proxmo.v1.CreditAssignmentService/ComputeAdvantages"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -70,15 +67,7 @@ def batch_request(groups: int, rollouts: int, steps: int) -> pb.ComputeAdvantage
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
+    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,53 +75,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def start_server(threads: int, workers: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    grpc_port, http_port = free_ports(2)
-    proc = subprocess.Popen(
-        [
-            str(SERVER_BIN),
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--encoder-backend",
-            "none",
-            "--compute-threads",
-            str(threads),
-            "--compute-workers",
-            workers,
-            "--log-level",
-            "warning",
-            "--max-concurrency",
-            "64",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
+def start_server(threads: int, workers: str, log: Path) -> ProxmoServer:
+    server = ProxmoServer(
+        ["--encoder-backend", "none", "--compute-threads", str(threads),
+         "--compute-workers", workers, "--log-level", "warning", "--max-concurrency", "64"],
+        log,
     )
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status_code == 200:
-                return proc, f"127.0.0.1:{grpc_port}"
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    try:
+        server.wait_ready(timeout=60)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def side_by_side(
@@ -234,14 +188,14 @@ def main() -> int:
     request = batch_request(16, 8, 50)
     rows = sum(len(t.steps) for t in request.trajectories)
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_server_{os.getpid()}.log"
-    proc, target = start_server(threads, args.compute_workers, log)
+    server = start_server(threads, args.compute_workers, log)
+    target = server.grpc_target
     try:
         local, remote = side_by_side(target, request, threads, args.n)
         one_rps, one_lat, one_err = clients(target, request, 1, args.seconds)
         many_rps, many_lat, many_err = clients(target, request, 8, args.seconds)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        exit_code = proc.wait(timeout=60)
+        exit_code = server.stop(timeout=60)
 
     overhead = statistics.median(remote) / statistics.median(local)
     scaling = many_rps / one_rps

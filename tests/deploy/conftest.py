@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.proxmo_server import ProxmoServer, free_ports  # noqa: F401 (free_ports: tests)
+from support.ports import free_ports  # noqa: F401 (for the tests)
+from support.proxmo_server import ProxmoServer
 from support.redis_server import delete_namespace
 
 ROOT = Path(__file__).resolve().parents[2]

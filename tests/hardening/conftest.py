@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -82,6 +83,22 @@ def task_totals(client: redis.Redis, namespace: str, task_ids: Sequence[str]) ->
         value = client.hget(f"{namespace}:task:{task_id}", "total_trials")
         out[task_id] = int(value) if value is not None else 0
     return out
+
+
+def assert_replayed_exactly(server: ServerProcess, redis_server: RedisServer, namespace: str,
+                            task_ids: Sequence[str], trials: int, timeout: float) -> None:
+    """Once Redis is back, the server's buffered updates drain within ``timeout`` s, none is
+    dropped, and every task's stored total is exactly ``trials``: none lost, none twice."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.metric("proxmo_store_buffered_updates") > 0:
+        time.sleep(0.1)
+    assert server.metric("proxmo_store_buffered_updates") == 0
+    assert server.metric("proxmo_store_buffer_dropped_total") == 0
+    client = redis_server.client()
+    try:
+        assert task_totals(client, namespace, task_ids) == {t: trials for t in task_ids}
+    finally:
+        client.close()
 
 
 __all__ = ["Certificate", "RedisServer", "ServerProcess", "StartServer", "delete_namespace",

@@ -31,6 +31,7 @@ from hardening.conftest import (
     RedisServer,
     ServerProcess,
     StartServer,
+    assert_replayed_exactly,
     delete_namespace,
     task_totals,
 )
@@ -165,17 +166,8 @@ def test_redis_killed_and_restarted_under_load(start_server: StartServer,
 
     # The buffered updates reach Redis once it is back: the totals become exactly the OK'd
     # batches, none lost, none counted twice.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and server.metric("proxmo_store_buffered_updates") > 0:
-        time.sleep(0.1)
-    assert server.metric("proxmo_store_buffered_updates") == 0
-    assert server.metric("proxmo_store_buffer_dropped_total") == 0
-    client = redis_server.client()
-    try:
-        assert task_totals(client, namespace, TASKS) == {t: PER_GROUP * codes["OK"]
-                                                          for t in TASKS}
-    finally:
-        client.close()
+    assert_replayed_exactly(server, redis_server, namespace, TASKS, PER_GROUP * codes["OK"],
+                            timeout=15)
     ready = httpx.get(f"{server.http_url}/readyz?verbose", timeout=5).json()
     assert next(c for c in ready["checks"] if c["name"] == "store")["status"] == "ok"
 

@@ -16,24 +16,17 @@ from typing import Any
 
 import pytest
 from proxmo_client.v1 import proxmo_pb2 as pb
-from support.proxmo_server import (  # noqa: F401 (OFFLINE_ENV, ROOT, free_ports: for the tests)
+from support.ports import free_ports  # noqa: F401 (for the tests)
+from support.proxmo_server import (  # noqa: F401 (OFFLINE_ENV, ROOT: for the tests)
     OFFLINE_ENV,
     ROOT,
     ProxmoServer,
-    free_ports,
 )
+from support.states import STATES
 
 BIN = Path(sys.executable).parent
 CLI_BIN = BIN / "proxmo"
 
-STATES = (
-    "You are in the middle of a room. Looking quickly around you, you see a cabinet 1.",
-    "You arrive at cabinet 1. The cabinet 1 is closed.",
-    "You open the cabinet 1. In it, you see a soapbar 1 and a spraybottle 2.",
-    "You arrive at countertop 1. On the countertop 1, you see a apple 2 and a mug 1.",
-    "You pick up the mug 1 from the countertop 1.",
-    "You arrive at sinkbasin 1. On the sinkbasin 1, you see nothing.",
-)
 
 
 class ServerProcess(ProxmoServer):

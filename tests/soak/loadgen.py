@@ -30,24 +30,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.aio
 from proxmo_client.v1 import proxmo_pb2 as pb
 from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    from support.proxmo_server import ProxmoServer
+# tests/ on the import path when this file runs as a script (pytest puts it there otherwise).
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from support.proxmo_server import ProxmoServer  # noqa: E402
+from support.states import STATES  # noqa: E402
 
-STATES = (
-    "You are in the middle of a room. Looking quickly around you, you see a cabinet 1.",
-    "You arrive at cabinet 1. The cabinet 1 is closed.",
-    "You open the cabinet 1. In it, you see a soapbar 1 and a spraybottle 2.",
-    "You arrive at countertop 1. On the countertop 1, you see a apple 2 and a mug 1.",
-    "You pick up the mug 1 from the countertop 1.",
-    "You arrive at sinkbasin 1. On the sinkbasin 1, you see nothing.",
-)
 RequestFactory = Callable[[int, int], pb.ComputeAdvantagesRequest]
 
 
@@ -241,13 +237,7 @@ async def run_load(
 
 
 def _spawn(server_args: list[str], log_path: Path) -> ProxmoServer:
-    """A ready proxmo-server (tests/support/proxmo_server.py; tests/ joins sys.path when this
-    file runs as a script)."""
-    tests = str(Path(__file__).resolve().parents[1])
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from support.proxmo_server import ProxmoServer
-
+    """A ready proxmo-server (tests/support/proxmo_server.py)."""
     server = ProxmoServer(server_args, log_path)
     try:
         server.wait_ready(timeout=180)

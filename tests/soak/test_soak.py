@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter
 
-from hardening.conftest import RedisServer, StartServer, task_totals
+from hardening.conftest import RedisServer, StartServer, assert_replayed_exactly
 from hardening.test_faults import PER_GROUP, TASKS, Outcome, hammer
 
 from soak.loadgen import run_load
@@ -70,14 +70,5 @@ def test_soak_redis_kill_cycles(start_server: StartServer, redis_server: RedisSe
     codes = Counter(code for code, _ in outcomes)
     print("\nsoak redis faults:", dict(codes), "cycles:", REDIS_CYCLES)
     assert set(codes) == {"OK"}, codes
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and server.metric("proxmo_store_buffered_updates") > 0:
-        time.sleep(0.1)
-    assert server.metric("proxmo_store_buffered_updates") == 0
-    assert server.metric("proxmo_store_buffer_dropped_total") == 0
-    client = redis_server.client()
-    try:
-        assert task_totals(client, namespace, TASKS) == {t: PER_GROUP * codes["OK"]
-                                                          for t in TASKS}
-    finally:
-        client.close()
+    assert_replayed_exactly(server, redis_server, namespace, TASKS, PER_GROUP * codes["OK"],
+                            timeout=30)

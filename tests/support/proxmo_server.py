@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,24 +26,14 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
 
+from support.ports import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_BIN = Path(sys.executable).parent / "proxmo-server"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 256 << 20),
                    ("grpc.max_send_message_length", 256 << 20)]
 Server = TypeVar("Server", bound="ProxmoServer")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together, so the OS cannot hand one out twice)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

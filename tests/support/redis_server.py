@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -13,13 +12,9 @@ from pathlib import Path
 
 import redis
 
+from support.ports import free_ports
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -46,7 +41,7 @@ class RedisServer:
 
     def __init__(self, directory: Path, *, password: str = "",
                  tls: Certificate | None = None) -> None:
-        self.port = free_port()
+        [self.port] = free_ports(1)
         self.password = password
         self.tls = tls
         self._dir = directory
