@@ -435,6 +435,7 @@ class Embedder:
         self._by_length: list[tuple[int, int, str]] = []
         self._sequence = itertools.count()
         self._running: dict[str, _Queued] = {}
+        self.metrics.prefetch_queue.set_function(lambda: len(self._queue) + len(self._running))
         self._queue_capacity = settings.lru_size
         self._queue_ready: asyncio.Event | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
@@ -515,7 +516,6 @@ class Embedder:
             finally:
                 for entry in promoted:  # a prefetch(wait=True) caller may be waiting on them
                     entry.done.set_result(encoded_ok)
-                self.metrics.prefetch_queue.set(len(self._queue) + len(self._running))
             for i, done in in_chunk:
                 if await asyncio.shield(done):
                     found[i] = self._lru.get((sha, hashed[i]))
@@ -588,7 +588,6 @@ class Embedder:
         for outcome, count in (("cached", cached), ("queued", queued), ("dropped", dropped)):
             if count:
                 self.metrics.prefetch_texts.labels(outcome=outcome).inc(count)
-        self.metrics.prefetch_queue.set(len(self._queue) + len(self._running))
         if self._queue:
             self._start_prefetch_loop()
         if wait and waiting:
@@ -655,7 +654,6 @@ class Embedder:
                     if not entry.done.done():
                         entry.done.set_result(ok)
                 self._running = {}
-                self.metrics.prefetch_queue.set(len(self._queue))
 
     async def _embed_chunk(self, chunk: dict[str, _Queued]) -> None:
         """Shared cache first, then the backend (at background priority); results to the

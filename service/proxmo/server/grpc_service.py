@@ -158,9 +158,7 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
                     index, request_id, received, task = item
                     pending[task] = (request_id, received)
                     try:
-                        response = await task
-                    except asyncio.CancelledError:
-                        raise  # the finally accounts for it with the others
+                        response = await task  # cancelled: the finally accounts for it
                     except Exception as exc:
                         del pending[task]
                         status = in_stream(classify(exc, request_id), index)
