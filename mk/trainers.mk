@@ -3,7 +3,8 @@
 # Makefile (it uses PYTHON, TORCH_PIN, CONSTRAINTS, OFFLINE, STAMP and the `redis` target there).
 #
 #   make trainers-venv   build .venv-trainers: torch (CPU wheel) first, then the client with its
-#                        [verl,trl] extras under the torch pin (stamp keyed on the inputs)
+#                        [verl,trl] extras, ray and scikit-learn under the torch pin (stamp keyed
+#                        on the inputs)
 #   make test-trainers   tests/integrations with .venv-trainers/bin/pytest; the tests start the
 #                        real proxmo-server from .venv
 
@@ -13,6 +14,9 @@ TRAINERS_KEY := $(shell cat clients/python/pyproject.toml $(CONSTRAINTS) mk/trai
 	| sha256sum | cut -c1-16)
 TRAINERS_STAMP := $(TRAINERS_VENV)/.proxmo-trainers-$(TRAINERS_KEY)
 TRAINERS_TESTS ?= tests/integrations
+# Test-only: a real local Ray for the verl-agent fork's TaskRunner test (test_verl_fork.py), and
+# scikit-learn for its stand-in of the fork's in-process TF-IDF soft grouping.
+TRAINERS_TEST_PACKAGES := ray scikit-learn
 
 .PHONY: trainers-venv test-trainers
 
@@ -22,7 +26,7 @@ $(TRAINERS_STAMP):
 	@test -x $(TRAINERS_PY) || $(PYTHON) -m venv $(TRAINERS_VENV)
 	$(TRAINERS_PY) -m pip install --quiet $(TORCH_PIN)
 	$(TRAINERS_PY) -m pip install --quiet -c $(CONSTRAINTS) -e 'clients/python[verl,trl]' \
-		pytest pytest-timeout
+		pytest pytest-timeout $(TRAINERS_TEST_PACKAGES)
 	@$(TRAINERS_PY) -c 'import torch; v = torch.__version__; \
 		assert v.startswith("2.13.0"), f"torch moved to {v}"'
 	@rm -f $(TRAINERS_VENV)/.proxmo-trainers-*

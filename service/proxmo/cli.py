@@ -46,7 +46,9 @@ class _LazyEmbedder:
     def __init__(self) -> None:
         self._embedder: Any = None
 
-    async def embed_detailed(self, texts: Sequence[str]) -> Embedding:
+    async def embed_detailed(
+        self, texts: Sequence[str], *, deadline: float | None = None
+    ) -> Embedding:
         if self._embedder is None:
             try:
                 from proxmo.encoder import EncoderSettings, create_embedder
@@ -56,7 +58,7 @@ class _LazyEmbedder:
                 raise FailedPrecondition(
                     "config.similarity", f"ENCODER similarity: the encoder failed to load ({error})"
                 ) from None
-        result: Embedding = await self._embedder.embed_detailed(texts)
+        result: Embedding = await self._embedder.embed_detailed(texts, deadline=deadline)
         return result
 
     async def close(self) -> None:

@@ -156,6 +156,9 @@ _GROUP_DIAGNOSTIC_FIELDS: tuple[str, ...] = (
     "weight_failure",
     "singleton_fraction",
     "mean_effective_neighbors",
+    "hgpo_long_history_fraction",
+    "graph_mean_distance",
+    "graph_unreachable_fraction",
 )
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
@@ -36,6 +36,7 @@ from proxmo.convert import build_response, preset_to_proto, request_to_core
 from proxmo.core.batch import StepBatch, ValidationError
 from proxmo.core.config import (
     PRESETS,
+    SIGMOID_ONE_MINUS_HALF,
     EstimatorConfig,
     Similarity,
     required_features,
@@ -43,16 +44,29 @@ from proxmo.core.config import (
     uses_history,
 )
 from proxmo.core.episode import batch_success_counts
-from proxmo.core.estimators import compute_advantages
+from proxmo.core.estimators import AdvantageResult, Components, combine, compute_components
 from proxmo.core.history import task_batch_counts
-from proxmo.core.step import StateFeatures, dense_features, precomputed_features
+from proxmo.core.step import (
+    StateFeatures,
+    dense_features,
+    group_distinct_states,
+    precomputed_features,
+)
 from proxmo.core.tfidf import tfidf_features
-from proxmo.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, LimitExceeded
+from proxmo.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    NonFiniteResult,
+)
 from proxmo.store.base import ApplyResult, SuccessRateStore, TaskUpdate
 from proxmo.workers import ComputePool, usable_cores
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+log = logging.getLogger("proxmo.engine")
 
 
 class Embedding(Protocol):
@@ -74,7 +88,9 @@ class Prefetched(Protocol):
 class TextEmbedder(Protocol):
     """What the engine needs from ``proxmo.encoder.Embedder``."""
 
-    async def embed_detailed(self, texts: Sequence[str]) -> Embedding: ...
+    async def embed_detailed(
+        self, texts: Sequence[str], *, deadline: float | None = None
+    ) -> Embedding: ...
 
     async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> Prefetched: ...
 
@@ -88,6 +104,34 @@ class Limits:
     max_total_steps: int = 200_000
     max_state_chars: int = 16_384
     max_embedding_dim: int = 4096
+    # Ids are stored (task ids, in the success-rate store), logged and echoed in every answer.
+    max_id_chars: int = 256
+    # Distinct task ids per request: the store's work per batch is linear in them.
+    max_tasks_per_request: int = 1024
+    # The largest answer that can be sent (the server's max message size); a request whose
+    # answer would be larger is refused before anything is computed or stored.
+    max_response_bytes: int = 64 * 1024 * 1024
+    # Distinct states per group when PSA runs (TFIDF, ENCODER, PRECOMPUTED): its work grows
+    # with their square. 1,024 bounds the worst accepted request (200,000 steps, every group
+    # at the cap) to seconds on 2 cores; docs/server.md has the measurement.
+    max_group_distinct_states: int = 1024
+
+
+# Upper bounds of a ComputeAdvantagesResponse's wire size: per step 4 packed doubles; per
+# trajectory its id and the 4 arrays' tags and lengths; per group its ids and report fields;
+# once the request id, the resolved config and the timing.
+_ANSWER_STEP_BYTES = 32
+_ANSWER_TRAJECTORY_BYTES = 48
+_ANSWER_GROUP_BYTES = 112
+_ANSWER_FIXED_BYTES = 512
+
+
+def check_ids(field: str, value: str, limits: Limits) -> None:
+    """LimitExceeded when the id ``value`` of ``field`` is longer than ``max_id_chars``."""
+    if len(value) > limits.max_id_chars:
+        raise LimitExceeded(
+            field, f"{len(value)} characters exceed the limit of {limits.max_id_chars}"
+        )
 
 
 def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
@@ -98,6 +142,10 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
             "trajectories",
             f"{n_traj} trajectories exceed the limit of {limits.max_trajectories}",
         )
+    check_ids("request_id", request.request_id, limits)
+    tasks: set[str] = set()
+    groups: set[str] = set()
+    answer_bytes = _ANSWER_FIXED_BYTES + len(request.request_id.encode())
     # A trajectory of at most this many wire bytes cannot hold a state over the limit (a
     # character takes >= 1 byte) nor an embedding over it (a packed float takes 4 bytes), so
     # its steps need no look; ByteSize() is computed in C, a step-by-step scan is not.
@@ -117,6 +165,23 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
                 "trajectories",
                 f"{total} steps in total exceed the limit of {limits.max_total_steps}",
             )
+        for name in ("trajectory_id", "group_id", "task_id"):
+            check_ids(f"trajectories[{i}].{name}", getattr(trajectory, name), limits)
+        task = trajectory.task_id or trajectory.group_id
+        if task not in tasks:
+            tasks.add(task)
+            if len(tasks) > limits.max_tasks_per_request:
+                raise LimitExceeded(
+                    f"trajectories[{i}].task_id",
+                    f"more than {limits.max_tasks_per_request} distinct task ids in one "
+                    "request (the limit); split the batch",
+                )
+        answer_bytes += (_ANSWER_TRAJECTORY_BYTES + len(trajectory.trajectory_id.encode())
+                         + _ANSWER_STEP_BYTES * n_steps)
+        if trajectory.group_id not in groups:
+            groups.add(trajectory.group_id)
+            answer_bytes += (_ANSWER_GROUP_BYTES + len(trajectory.group_id.encode())
+                             + len(task.encode()))
         if trajectory.ByteSize() <= small_enough:
             continue
         for t, step in enumerate(trajectory.steps):
@@ -131,6 +196,28 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
                     f"{len(step.state_embedding)} values exceed the limit of "
                     f"{limits.max_embedding_dim}",
                 )
+    if answer_bytes > limits.max_response_bytes:
+        raise LimitExceeded(
+            "trajectories",
+            f"the answer would take up to {answer_bytes} bytes, over the largest message "
+            f"({limits.max_response_bytes} bytes): send fewer steps or shorter ids",
+        )
+
+
+def check_group_states(batch: StepBatch, row_state: np.ndarray, limits: Limits) -> None:
+    """Raise LimitExceeded naming the first group with more distinct states than
+    ``max_group_distinct_states`` (before PSA, the only step whose work is quadratic in them)."""
+    counts = group_distinct_states(batch, row_state)
+    over = np.flatnonzero(counts > limits.max_group_distinct_states)
+    if over.size:
+        group = int(over[0])
+        first = int(np.flatnonzero(batch.traj_group == group)[0])
+        raise LimitExceeded(
+            f"trajectories[{first}].group_id",
+            f"group {batch.group_ids[group]!r} has {counts[group]} distinct states, over the "
+            f"limit of {limits.max_group_distinct_states} (PSA compares every pair of a group's "
+            "distinct states; split the group or use EXACT similarity)",
+        )
 
 
 def check_prefetch_limits(request: pb.PrefetchStatesRequest, limits: Limits) -> None:
@@ -182,6 +269,10 @@ class Prepared:
     features: StateFeatures | None  # TF-IDF / PRECOMPUTED; None: none needed, A^S = 0, ENCODER
     needs_encoder: bool  # ENCODER similarity: the main process embeds batch.states
     featurize_s: float
+    # HISTORY: the estimator's p-independent part, computed and checked finite BEFORE the store
+    # is written (with_components), and the time it took.
+    components: Components | None = None
+    components_s: float = 0.0
 
 
 @_field_errors
@@ -202,10 +293,13 @@ def prepare(
     started = time.monotonic()
     similarity = required_features(cfg)
     features: StateFeatures | None = None
+    if similarity in (Similarity.TFIDF, Similarity.ENCODER):
+        check_group_states(batch, batch.row_state, limits)
     if similarity is Similarity.TFIDF:
         features = tfidf_features(batch)
     elif similarity is Similarity.PRECOMPUTED:
         features = precomputed_features(batch)
+        check_group_states(batch, features.row_index, limits)  # distinct vectors, not texts
     return Prepared(batch, cfg, features, similarity is Similarity.ENCODER,
                     time.monotonic() - started)
 
@@ -222,21 +316,22 @@ def score(
     timing: pb.Timing,
     deadline: float | None,
 ) -> pb.ComputeAdvantagesResponse:
-    """Stage 2: the estimator and the response. ``embeddings`` (ENCODER): the vectors of
-    ``batch.states``, made into features here (counted in featurize_ns). ``timing`` holds
-    everything measured so far; compute_ns is added here."""
-    batch, features = prepared.batch, prepared.features
+    """Stage 2: the estimator (its components, unless ``with_components`` ran already, then
+    PSC and the combination), the final finiteness check, and the response. ``embeddings``
+    (ENCODER): the vectors of ``batch.states``, made into features here (counted in
+    featurize_ns). ``timing`` holds everything measured so far; compute_ns is added here.
+    Raises NonFiniteResult rather than answer a NaN or an infinity."""
     dense_s = 0.0
-    if embeddings is not None:
-        started = time.monotonic()
-        # batch.states are the distinct texts; rows map to them through batch.row_state.
-        features = dense_features(embeddings, batch.row_state)
-        dense_s = time.monotonic() - started
-    _check_deadline(deadline, "the estimator")
+    if prepared.components is None:
+        featurized_s = prepared.featurize_s
+        prepared = with_components(prepared, embeddings=embeddings, deadline=deadline)
+        dense_s = prepared.featurize_s - featurized_s
+    batch, components = prepared.batch, prepared.components
+    assert components is not None  # with_components sets it
     started = time.monotonic()
-    result = compute_advantages(batch, prepared.cfg, features=features,
-                                group_success_rate=group_rates)
-    compute_s = time.monotonic() - started
+    result = combine(batch, prepared.cfg, components, group_success_rate=group_rates)
+    check_finite_result(result, batch)
+    compute_s = prepared.components_s + time.monotonic() - started
     _check_deadline(deadline, "building the response")
     response = build_response(request_id=request_id, batch=batch, result=result,
                               cfg=prepared.cfg, fallback=fallback, replayed=replayed,
@@ -244,6 +339,76 @@ def score(
     response.timing.featurize_ns += _ns(dense_s)
     response.timing.compute_ns = _ns(compute_s)
     return response
+
+
+@_field_errors
+def with_components(
+    prepared: Prepared, *, embeddings: np.ndarray | None, deadline: float | None
+) -> Prepared:
+    """The estimator's p-independent part (returns, A^E before PSC, A^S), checked: every value
+    finite and the combined advantage bounded for every p (see check_finite_components).
+    HISTORY requests run this before the store is written, so a request that would end in a
+    non-finite answer stores nothing. ``embeddings`` as for ``score`` (dense features: their
+    time is added to featurize_s)."""
+    features = prepared.features
+    featurize_s = prepared.featurize_s
+    if embeddings is not None:
+        started = time.monotonic()
+        # batch.states are the distinct texts; rows map to them through batch.row_state.
+        features = dense_features(embeddings, prepared.batch.row_state)
+        featurize_s += time.monotonic() - started
+    _check_deadline(deadline, "the estimator")
+    started = time.monotonic()
+    components = compute_components(prepared.batch, prepared.cfg, features=features)
+    check_finite_components(components, prepared.cfg, prepared.batch)
+    # the features have served: nothing after this reads them, so they cross no process again
+    return replace(prepared, features=None, featurize_s=featurize_s, components=components,
+                   components_s=time.monotonic() - started)
+
+
+def check_finite_components(components: Components, cfg: EstimatorConfig,
+                            batch: StepBatch) -> None:
+    """Raise NonFiniteResult unless every component is finite and, per row, the bound of the
+    combined advantage |A| <= episode_weight w_max |A^E| + omega |A^S| is finite, with w_max =
+    1 + beta (sigmoid(1) - 1/2) the largest PSC weight for any p in [0, 1]: then no p the
+    store can give makes the answer overflow."""
+    w_max = 1.0 + cfg.psc_beta * SIGMOID_ONE_MINUS_HALF if cfg.applies_psc else 1.0
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is what we look for
+        bound = cfg.episode_weight * w_max * np.abs(components.episode_base) + (
+            cfg.step_weight * np.abs(components.step_advantages))
+    for name, values in (("returns", components.returns), ("advantages", bound),
+                         ("effective neighbours", components.effective_neighbors)):
+        _check_finite(name, values, batch)
+
+
+def check_finite_result(result: AdvantageResult, batch: StepBatch) -> None:
+    """The last check before an answer (ALGORITHM.md section 5a): every per-row value and
+    every group diagnostic finite, else NonFiniteResult (INTERNAL)."""
+    for name, values in (
+        ("advantages", result.advantages),
+        ("episode advantages", result.episode_advantages),
+        ("step advantages", result.step_advantages),
+        ("returns", result.returns),
+    ):
+        _check_finite(name, values, batch)
+    g = result.groups
+    diagnostics = np.concatenate([
+        g.success_rate, g.weight_success, g.weight_failure, g.singleton_fraction,
+        g.mean_effective_neighbors, g.hgpo_long_history_fraction, g.graph_mean_distance,
+        g.graph_unreachable_fraction])
+    if not np.isfinite(diagnostics).all():
+        raise NonFiniteResult("", "the estimator produced a non-finite group diagnostic; "
+                              "nothing was stored (a bug: please report it)")
+
+
+def _check_finite(name: str, values: np.ndarray, batch: StepBatch) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        row = int(bad[0])
+        raise NonFiniteResult(
+            "", f"the estimator produced non-finite {name} ({values[row]} at "
+            f"{batch.row_field(row, 'reward').removesuffix('.reward')}); nothing was stored "
+            "(a bug: please report it)")
 
 
 def prepare_and_score(
@@ -255,10 +420,13 @@ def prepare_and_score(
     queue_ns: int,
 ) -> pb.ComputeAdvantagesResponse | Prepared:
     """Stage 1, then stage 2 in the same call when the main process has nothing to add (no
-    encoder, no store): one round trip to a worker instead of two. Otherwise the Prepared."""
+    encoder, no store): one round trip to a worker instead of two. Otherwise the Prepared,
+    with its checked components when it needs the store and not the encoder."""
     prepared = prepare(request, limits, default_similarity, deadline)
-    if prepared.needs_encoder or uses_history(prepared.cfg):
+    if prepared.needs_encoder:
         return prepared
+    if uses_history(prepared.cfg):
+        return with_components(prepared, embeddings=None, deadline=deadline)
     return score(
         prepared,
         request_id=request_id,
@@ -327,6 +495,19 @@ class _Metrics:
             ["source"],
             registry=registry,
         )
+        self.nonfinite = Counter(
+            "proxmo_nonfinite_results",
+            "Requests refused as INTERNAL because the estimator produced a NaN or an infinity "
+            "(never answered, nothing stored; a bug).",
+            registry=registry,
+        )
+        self.workers_replaced = Counter(
+            "proxmo_compute_workers_replaced",
+            "Compute worker processes replaced, by reason: stopped (the caller's deadline "
+            "passed or the client left) or died (killed, e.g. out of memory).",
+            ["reason"],
+            registry=registry,
+        )
         self.stage = Histogram(
             "proxmo_engine_stage_duration_seconds",
             "Time spent per engine stage (features, store, compute).",
@@ -366,8 +547,11 @@ class Engine:
         self._pool: ComputePool | None = None
         self._threads: ThreadPoolExecutor | None = None
         if compute_workers:
-            self._pool = ComputePool(compute_workers, initializer=warm_worker,
-                                     preload=("proxmo.engine",))
+            replaced = self._metrics.workers_replaced
+            self._pool = ComputePool(
+                compute_workers, initializer=warm_worker, preload=("proxmo.engine",),
+                on_replace=lambda stopped: replaced.labels(
+                    "stopped" if stopped else "died").inc())
         else:
             self._threads = ThreadPoolExecutor(
                 max_workers=compute_threads or usable_cores(), thread_name_prefix="proxmo-compute"
@@ -402,12 +586,21 @@ class Engine:
             for name, spec in PRESETS.items()
         ]
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """One compute stage on the compute executor."""
+    async def _run(self, deadline: float | None, fn: Callable[..., T], /, *args: Any,
+                   **kwargs: Any) -> T:
+        """One compute stage on the compute executor, given up at ``deadline``: a worker
+        process running it then is stopped (and replaced), as it is when the caller's task is
+        cancelled (the client left); a thread cannot be stopped, its answer is dropped."""
         call = functools.partial(fn, *args, **kwargs)
         if self._pool is not None:
-            return await self._pool.run(call)
-        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+            return await self._pool.run(call, deadline=deadline)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._threads, call), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline exceeded while computing; the answer was dropped") \
+                from None
 
     async def compute(
         self,
@@ -422,22 +615,30 @@ class Engine:
         (default: now) starts ``timing.total_ns``, and ``timing.queue_ns`` is the time from it
         to the start of the work (the server's admission wait). The encoder's time, waiting
         for its micro-batch included, counts in ``featurize_ns``, so the stages never overlap.
-        Raises LimitExceeded, InvalidArgument, FailedPrecondition, DeadlineExceeded, or
-        WorkerLost when a compute worker died under the request.
+        Raises LimitExceeded, InvalidArgument, FailedPrecondition, DeadlineExceeded,
+        WorkerLost when a compute worker died under the request, or NonFiniteResult (INTERNAL,
+        counted in proxmo_nonfinite_results_total, logged with the request id; with HISTORY it
+        is raised before the store is written).
         """
         start = time.monotonic()
         received = received_at if received_at is not None else start
         _check_deadline(deadline, "validation")
         request_id = request.request_id or str(uuid.uuid4())
         queue_ns = _ns(start - received)
-        outcome = await self._run(prepare_and_score, request, self.limits,
-                                  self.default_similarity, deadline, request_id, queue_ns)
-        store_s: float | None = None
-        if isinstance(outcome, Prepared):
-            response, store_s = await self._complete(outcome, request, request_id, queue_ns,
-                                                     deadline)
-        else:
-            response = outcome
+        try:
+            outcome = await self._run(deadline, prepare_and_score, request, self.limits,
+                                      self.default_similarity, deadline, request_id, queue_ns)
+            store_s: float | None = None
+            if isinstance(outcome, Prepared):
+                response, store_s = await self._complete(outcome, request, request_id,
+                                                         queue_ns, deadline)
+            else:
+                response = outcome
+        except NonFiniteResult as error:
+            self._metrics.nonfinite.inc()
+            log.error("non-finite result refused: %s", error.message,
+                      extra={"request_id": request_id})
+            raise
         response.timing.total_ns = _ns(time.monotonic() - received)
         self._record(response, store_s)
         return response
@@ -474,7 +675,7 @@ class Engine:
         _check_deadline(deadline, "features")
         embeddings: np.ndarray | None = None
         encoded = 0
-        featurize_s = prepared.featurize_s
+        encoder_s = 0.0
         if prepared.needs_encoder:
             if self.embedder is None:
                 raise FailedPrecondition(
@@ -483,8 +684,8 @@ class Engine:
                     "runs without one (use TFIDF, EXACT or PRECOMPUTED)",
                 )
             started = time.monotonic()
-            embedding = await self.embedder.embed_detailed(batch.states)
-            featurize_s += time.monotonic() - started
+            embedding = await self.embedder.embed_detailed(batch.states, deadline=deadline)
+            encoder_s = time.monotonic() - started
             embeddings, encoded = embedding.vectors, embedding.encoded
 
         group_rates: np.ndarray | None = None
@@ -492,6 +693,11 @@ class Engine:
         replayed = False
         store_s: float | None = None
         if uses_history(cfg):
+            if prepared.components is None:  # ENCODER: the components need the embeddings
+                prepared = await self._run(deadline, with_components, prepared,
+                                           embeddings=embeddings, deadline=deadline)
+                embeddings = None
+            # prepared.components are finite here (with_components): only now is it written
             _check_deadline(deadline, "the success-rate store")
             started = time.monotonic()
             applied = await self._apply_history(request_id, batch, cfg, dry_run=request.dry_run)
@@ -500,10 +706,10 @@ class Engine:
             group_rates, fallback = _history_rates(batch, cfg, applied)
 
         _check_deadline(deadline, "the estimator")
-        timing = _timing(prepared, queue_ns=queue_ns, featurize_s=featurize_s,
+        timing = _timing(prepared, queue_ns=queue_ns, featurize_s=prepared.featurize_s + encoder_s,
                          store_s=store_s or 0.0, encoded=encoded)
         response = await self._run(
-            score, prepared, request_id=request_id, embeddings=embeddings,
+            deadline, score, prepared, request_id=request_id, embeddings=embeddings,
             group_rates=group_rates, fallback=fallback, replayed=replayed, timing=timing,
             deadline=deadline,
         )
@@ -548,8 +754,9 @@ def _history_rates(
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Group p's from the store's task p's, and bool[n_groups] fallback flags.
 
-    A degraded store (or, defensively, a task it did not report) falls back to the batch
-    estimate S_b / N_b; a fully degraded store returns None so the core computes BATCH itself.
+    A degraded store (or, defensively, a task it did not report, or a p outside [0, 1] from a
+    corrupted record) falls back to the batch estimate S_b / N_b; a fully degraded store
+    returns None so the core computes BATCH itself.
     """
     n_groups = batch.n_groups
     if applied.degraded:
@@ -559,7 +766,7 @@ def _history_rates(
     fallback = np.zeros(n_groups, dtype=bool)
     for g, task_id in enumerate(batch.group_task):
         p = applied.rates.get(task_id)
-        if p is None or not math.isfinite(p):
+        if p is None or not 0.0 <= p <= 1.0:  # NaN fails the comparison too
             fallback[g] = True
             p = successes[g] / trials[g]
         rates[g] = p

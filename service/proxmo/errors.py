@@ -55,6 +55,14 @@ class InvalidArgument(ProxmoError):
         return cls(error.field, error.message)
 
 
+class NonFiniteResult(ProxmoError):
+    """The estimator produced a NaN or an infinity for an accepted request: a bug, never an
+    answer (ALGORITHM.md section 5a). The request fails as INTERNAL and stores nothing."""
+
+    grpc_code = "INTERNAL"
+    http_status = 500
+
+
 class LimitExceeded(ProxmoError):
     """The request is larger than a configured limit (trajectories, steps, state length...)."""
 
@@ -96,6 +104,16 @@ class DeadlineExceeded(ProxmoError):
     http_status = 504
 
     def __init__(self, message: str = "deadline exceeded") -> None:
+        super().__init__("", message)
+
+
+class ClientGone(ProxmoError):
+    """The caller disconnected before its answer was ready; the work was abandoned."""
+
+    grpc_code = "CANCELLED"
+    http_status = 499
+
+    def __init__(self, message: str = "client disconnected; the work was stopped") -> None:
         super().__init__("", message)
 
 

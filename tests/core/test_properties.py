@@ -14,10 +14,20 @@ from proxmo.core import (
     StateFeatures,
     StepBatch,
     TrajectoryInput,
+    ValidationError,
     compute_advantages,
     dense_features,
+    precomputed_features,
     resolve_config,
     tfidf_features,
+)
+from proxmo.core.batch import MAX_ABS_EMBEDDING, MAX_ABS_REWARD
+from proxmo.core.config import (
+    MAX_HISTORY_PRIOR,
+    MAX_INVALID_ACTION_PENALTY,
+    MAX_PSC_BETA,
+    MAX_PSC_RANGE,
+    MAX_STEP_WEIGHT,
 )
 
 from .helpers import features_for
@@ -123,6 +133,9 @@ def test_permuting_groups_permutes_diagnostics(
         "weight_failure",
         "singleton_fraction",
         "mean_effective_neighbors",
+        "hgpo_long_history_fraction",
+        "graph_mean_distance",
+        "graph_unreachable_fraction",
     ):
         np.testing.assert_allclose(
             getattr(after, name), getattr(before, name)[index], rtol=1e-9, atol=1e-12
@@ -258,3 +271,126 @@ def test_scaling_rewards_scales_mean_outputs(
         np.testing.assert_allclose(
             getattr(out, name), scale * getattr(base, name), rtol=1e-9, atol=1e-9 * scale
         )
+
+
+# --- numerical safety (ALGORITHM.md section 5a): extreme finite inputs within the ranges -------
+
+SUBNORMAL = 5e-324
+EXTREME_REWARDS = st.one_of(
+    st.sampled_from([MAX_ABS_REWARD, -MAX_ABS_REWARD, 1e-300, -1e-300, SUBNORMAL, -SUBNORMAL,
+                     2.2250738585072014e-308, -0.0, 0.0, 1.0]),
+    st.floats(-MAX_ABS_REWARD, MAX_ABS_REWARD, allow_nan=False),
+)
+# Every numeric config field at its bounds (and tiny / huge where it has no upper bound).
+EDGE_CONFIG = {
+    "gamma": [0.0, 1.0, -0.0, SUBNORMAL],
+    "tau": [SUBNORMAL, 1e-300, 1e-12, 1e308],
+    "step_weight": [0.0, MAX_STEP_WEIGHT, SUBNORMAL],
+    "psc_alpha": [SUBNORMAL, 1e-300, 1e308],
+    "psc_range": [0.0, MAX_PSC_RANGE, SUBNORMAL],
+    "invalid_action_penalty": [0.0, MAX_INVALID_ACTION_PENALTY, SUBNORMAL],
+    "success_threshold": [-1e308, 1e308, -0.0, SUBNORMAL],
+    "history_half_life": [SUBNORMAL, 1e308],
+    "history_prior": [0.0, MAX_HISTORY_PRIOR],
+}
+# ... and beyond them: each must be refused naming its field.
+BEYOND_CONFIG = {
+    "gamma": [-SUBNORMAL, 1.0000000000000002, 1e308],
+    "tau": [0.0, -0.0, -SUBNORMAL],
+    "step_weight": [-SUBNORMAL, MAX_STEP_WEIGHT * (1 + 1e-12)],
+    "psc_alpha": [0.0, -1.0],
+    "psc_beta": [-SUBNORMAL, MAX_PSC_BETA * (1 + 1e-12), 1e308],
+    "psc_range": [-SUBNORMAL, 1.0000000000000002],
+    "invalid_action_penalty": [-SUBNORMAL, MAX_INVALID_ACTION_PENALTY * (1 + 1e-12)],
+    "history_half_life": [0.0, -1.0],
+    "history_prior": [-SUBNORMAL, MAX_HISTORY_PRIOR * (1 + 1e-12), 1e308],
+}
+
+
+@st.composite
+def extreme_batches(draw: st.DrawFn) -> list[TrajectoryInput]:
+    """Groups of one trajectory of one step, very long and very short trajectories, rewards at
+    the bound, subnormal and -0.0, state embeddings with extreme values."""
+    trajs: list[TrajectoryInput] = []
+    dim = 4
+    embedding_values = st.sampled_from([MAX_ABS_EMBEDDING, -MAX_ABS_EMBEDDING, SUBNORMAL, -0.0,
+                                        1e-300, 1.0, 0.0])
+    for g in range(draw(st.integers(1, 3))):
+        for k in range(draw(st.sampled_from([1, 1, 2, 5]))):
+            n = draw(st.sampled_from([1, 1, 2, 3, 200]))
+            states = [STATE_POOL[(g + k + t) % 3] for t in range(n)]
+            rewards = draw(st.lists(EXTREME_REWARDS, min_size=n, max_size=n))
+            invalid = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+            vectors = [draw(st.lists(embedding_values, min_size=dim, max_size=dim))
+                       for _ in range(n)]
+            trajs.append(TrajectoryInput(f"g{g}-t{k}", f"g{g}", "", states, rewards, invalid,
+                                         embeddings=vectors))
+    return trajs
+
+
+def _assert_finite_and_shaped(result: AdvantageResult, batch: StepBatch) -> None:
+    for name in ("advantages", "episode_advantages", "step_advantages", "returns"):
+        values = getattr(result, name)
+        assert values.shape == (batch.n_rows,), name
+        assert np.isfinite(values).all(), (name, values)
+    for name in ("success_rate", "weight_success", "weight_failure", "singleton_fraction",
+                 "mean_effective_neighbors"):
+        values = getattr(result.groups, name)
+        assert values.shape == (batch.n_groups,) and np.isfinite(values).all(), (name, values)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=60)
+@given(
+    trajs=extreme_batches(),
+    preset=st.sampled_from(list(PRESETS)),
+    similarity=st.sampled_from(["TFIDF", "PRECOMPUTED", "EXACT", "ENCODER"]),
+    edges=st.dictionaries(st.sampled_from(list(EDGE_CONFIG)), st.integers(0, 3)),
+    history=st.none() | st.sampled_from([0.0, 1.0, SUBNORMAL]),
+)
+def test_extreme_accepted_inputs_give_finite_results(
+    trajs: list[TrajectoryInput], preset: str, similarity: str, edges: dict[str, int],
+    history: float | None,
+) -> None:
+    overrides: dict[str, Any] = {
+        name: EDGE_CONFIG[name][i % len(EDGE_CONFIG[name])] for name, i in edges.items()}
+    overrides["similarity"] = similarity
+    cfg = resolve_config(preset, overrides)  # every value is within its range
+    batch = StepBatch.from_trajectories(trajs)
+    features = (precomputed_features(batch) if similarity == "PRECOMPUTED"
+                else _features(batch, cfg))
+    rates = None if history is None else np.full(batch.n_groups, history)
+    result = compute_advantages(batch, cfg, features=features, group_success_rate=rates)
+    _assert_finite_and_shaped(result, batch)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=40)
+@given(field=st.sampled_from(list(BEYOND_CONFIG)), data=st.data(),
+       preset=st.sampled_from(list(PRESETS)))
+def test_config_values_beyond_their_range_name_the_field(
+    field: str, data: st.DataObject, preset: str
+) -> None:
+    value = data.draw(st.sampled_from(BEYOND_CONFIG[field]))
+    try:
+        resolve_config(preset, {field: value})
+    except ValidationError as error:
+        assert error.field == f"config.{field}", error
+    else:
+        raise AssertionError(f"{field}={value!r} accepted")
+
+
+@settings(PROPERTY_SETTINGS, max_examples=40)
+@given(value=st.one_of(
+    st.sampled_from([1e308, -1e308, MAX_ABS_REWARD * (1 + 1e-12), float("inf"), float("nan")]),
+    st.floats(min_value=MAX_ABS_REWARD * (1 + 1e-12), allow_infinity=True)),
+    sign=st.sampled_from([1.0, -1.0]), where=st.integers(0, 2))
+def test_rewards_beyond_the_bound_name_the_step(value: float, sign: float, where: int) -> None:
+    rewards = [0.0, 0.0, 0.0]
+    rewards[where] = sign * value
+    trajs = [TrajectoryInput("a", "g", "", ["x", "y", "z"], [0.0] * 3, [False] * 3),
+             TrajectoryInput("b", "g", "", ["x", "y", "z"], rewards, [False] * 3)]
+    try:
+        StepBatch.from_trajectories(trajs)
+    except ValidationError as error:
+        assert error.field == f"trajectories[1].steps[{where}].reward", error
+    else:
+        raise AssertionError(f"reward {sign * value!r} accepted")

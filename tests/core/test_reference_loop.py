@@ -86,6 +86,84 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
+def _graph_returns(rows: list[dict[str, Any]], cfg: EstimatorConfig) -> dict[str, list[float]]:
+    """GraphGPO (section 4a): replace every row's G by c * gamma^d(next) (or the normalized
+    exponent) minus the penalty, d by breadth-first search per group; per group the mean d over
+    its states that reach SUCCESS and the share that do not."""
+    diagnostics: dict[str, list[float]] = {"mean": [], "unreachable": []}
+    for g in dict.fromkeys(r["group"] for r in rows):
+        members = [r for r in rows if r["group"] == g]
+        edges: list[tuple[Any, Any]] = []
+        for r in members:
+            following = [q for q in members if q["traj"] == r["traj"] and q["t"] == r["t"] + 1]
+            if following:
+                r["next"] = following[0]["key"]
+            else:
+                r["next"] = "SUCCESS" if r["y"] else ("dead end", r["traj"])
+            edges.append((r["key"], r["next"]))
+        distance: dict[Any, float] = {"SUCCESS": 0.0}
+        frontier = ["SUCCESS"]
+        while frontier:
+            reached = []
+            for node in frontier:
+                for source, target in edges:
+                    if target == node and source not in distance:
+                        distance[source] = distance[node] + 1
+                        reached.append(source)
+            frontier = reached
+        states = {r["key"] for r in members}
+        far = max(distance.values())
+        finite = [distance[s] for s in states if s in distance]
+        diagnostics["mean"].append(sum(finite) / len(finite) if finite else 0.0)
+        diagnostics["unreachable"].append(1.0 - len(finite) / len(states))
+        for r in members:
+            d_next = distance.get(r["next"], far + 1)
+            d_state = distance.get(r["key"], far + 1)
+            power = d_next - d_state + 1 if cfg.graph_normalize_distance else d_next
+            r["G"] = cfg.graph_success_value * cfg.gamma**power - cfg.invalid_action_penalty * r[
+                "invalid"
+            ]
+    return diagnostics
+
+
+def _hgpo_step(
+    rows: list[dict[str, Any]], cfg: EstimatorConfig, base: list[float]
+) -> tuple[list[float], list[bool]]:
+    """HGPO (section 4a): per row, the (k + 1)^alpha-weighted mean of its nonzero values over
+    its history keys (k = 1 .. K + 1, >= 2 rows each, population std), the base item at k = 0.
+    Also whether a nonzero item came from k >= 2."""
+    by_step = {(r["traj"], r["t"]): r for r in rows}
+    keys: dict[Any, list[int]] = {}
+    row_keys: list[list[tuple[int, Any]]] = []
+    for i, r in enumerate(rows):
+        mine = []
+        for k in range(1, min(cfg.hgpo_history_length + 1, r["t"] + 1) + 1):
+            history = tuple(by_step[(r["traj"], r["t"] - j)]["key"] for j in range(k - 1, -1, -1))
+            key = (r["group"], history)
+            keys.setdefault(key, []).append(i)
+            mine.append((k, key))
+        row_keys.append(mine)
+    step, long_history = [], []
+    for i, r in enumerate(rows):
+        items = [(0, base[i])] if cfg.hgpo_base_group else []
+        for k, key in row_keys[i]:
+            gs = [rows[j]["G"] for j in keys[key]]
+            if len(gs) < 2:
+                continue
+            # equal returns have exactly their value as mean (not a rounded sum / n): value 0
+            mean = gs[0] if len(set(gs)) == 1 else sum(gs) / len(gs)
+            value = r["G"] - mean
+            if cfg.step_normalization.value == "MEAN_STD":
+                value /= math.sqrt(sum((v - mean) ** 2 for v in gs) / len(gs)) + 1e-6
+            items.append((k, value))
+        items = [(k, v) for k, v in items if v != 0.0]
+        weights = [(k + 1) ** cfg.hgpo_alpha for k, _ in items]
+        total = sum(weights) + 1e-6
+        step.append(sum(w / total * v for w, (_, v) in zip(weights, items, strict=True)))
+        long_history.append(any(k >= 2 for k, _ in items))
+    return step, long_history
+
+
 def reference(
     trajs: Sequence[TrajectoryInput],
     cfg: EstimatorConfig,
@@ -118,10 +196,12 @@ def reference(
                     "y": bool(y),
                     "score": big_r - cfg.invalid_action_penalty * tr.invalid[t],
                     "emb": None if tr.embeddings is None else np.asarray(tr.embeddings[t], float),
+                    "invalid": tr.invalid[t],
                 }
             )
     n = len(rows)
     estimator = cfg.estimator.value
+    graph = _graph_returns(rows, cfg) if estimator == "GRAPHGPO" else None
     psc = cfg.psc_enabled and estimator in ("PROXMO", "GIGPO")
 
     # episode term
@@ -157,7 +237,9 @@ def reference(
         if psc:
             source = cfg.success_rate_source.value
             if source == "ROW_MEAN":
-                p = min(max(sum(rows[r]["score"] for r in members) / len(members), 0.0), 1.0)
+                # mu_g of the row scores, 0 for a single row (the released code's convention)
+                row_mean = sum(rows[r]["score"] for r in members) / len(members)
+                p = min(max(row_mean if len(members) > 1 else 0.0, 0.0), 1.0)
             elif source == "HISTORY" and group_rates is not None:
                 p = group_rates[g]
             else:
@@ -182,7 +264,8 @@ def reference(
             and (not same_step or rows[j]["t"] == rows[i]["t"])
         ]
 
-    exact = estimator == "GIGPO" or (estimator == "PROXMO" and cfg.similarity.value == "EXACT")
+    anchored = ("GIGPO", "GRAPHGPO", "HGPO")
+    exact = estimator in anchored or (estimator == "PROXMO" and cfg.similarity.value == "EXACT")
     if exact:
         for i in range(n):
             anchor = [j for j in candidates(i) if rows[j]["key"] == rows[i]["key"]]
@@ -191,7 +274,7 @@ def reference(
             effective[i] = float(len(anchor))
             if len(anchor) == 1:
                 continue
-            if estimator == "GIGPO" and cfg.step_normalization.value == "MEAN_STD":
+            if estimator in anchored and cfg.step_normalization.value == "MEAN_STD":
                 std = _mean_std(gs)[1]
                 step[i] = (rows[i]["G"] - mean) / (std + 1e-6)
             else:
@@ -225,6 +308,23 @@ def reference(
                 )
                 effective[i] = 1.0 / sum(v * v for v in w)
 
+    long_history = [False] * n
+    if estimator == "HGPO":
+        # no episode term; GiGPO's per-row episode value is the optional k = 0 item
+        base = []
+        for i in range(n):
+            xs = [rows[r]["score"] for r in range(n) if rows[r]["group"] == rows[i]["group"]]
+            mean, std = _mean_std(xs)
+            normalized = cfg.step_normalization.value == "MEAN_STD"
+            base.append((rows[i]["score"] - mean) / (std + 1e-6 if normalized else 1.0))
+        step, long_history = _hgpo_step(rows, cfg, base)
+        episode = [0.0] * n
+        # HGPO's keys ignore `scope`: the anchor size is the row's k = 1 key's
+        effective = [
+            float(sum(1 for q in rows if q["group"] == r["group"] and q["key"] == r["key"]))
+            for r in rows
+        ]
+
     # diagnostics
     singles = []
     for g in group_order:
@@ -239,10 +339,20 @@ def reference(
         "returns": np.array([r["G"] for r in rows]),
         "episode": np.array(episode),
         "step": np.array(step),
-        "advantages": np.array(episode) + cfg.step_weight * np.array(step),
+        "advantages": cfg.episode_weight * np.array(episode) + cfg.step_weight * np.array(step),
         "success_rate": np.array([p_used[g] for g in group_order]),
         "singleton_fraction": np.array(singles),
         "mean_effective_neighbors": np.array(mean_eff),
+        "hgpo_long_history_fraction": np.array(
+            [
+                np.mean([long_history[r] for r in range(n) if rows[r]["group"] == g])
+                for g in group_order
+            ]
+        ),
+        "graph_mean_distance": np.array(graph["mean"] if graph else [0.0] * len(group_order)),
+        "graph_unreachable_fraction": np.array(
+            graph["unreachable"] if graph else [0.0] * len(group_order)
+        ),
     }
 
 
@@ -258,6 +368,12 @@ OPTION_POOLS: dict[str, list[Any]] = {
     "tau": [0.05, 0.1, 0.7],
     "gamma": [0.0, 0.9, 1.0],
     "step_weight": [0.5, 1.0],
+    "episode_weight": [0.0, 0.5, 1.0],
+    "hgpo_history_length": [0, 1, 3],
+    "hgpo_alpha": [-1.0, 0.0, 2.0],
+    "hgpo_base_group": [True, False],
+    "graph_normalize_distance": [True, False],
+    "graph_success_value": [1.0, 10.0],
 }
 
 
@@ -292,6 +408,8 @@ def _compare(trajs: list[TrajectoryInput], cfg: EstimatorConfig, rng: np.random.
     np.testing.assert_allclose(
         groups.mean_effective_neighbors, expected["mean_effective_neighbors"], rtol=1e-9, atol=1e-9
     )
+    for name in ("hgpo_long_history_fraction", "graph_mean_distance", "graph_unreachable_fraction"):
+        np.testing.assert_allclose(getattr(groups, name), expected[name], **tol)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from proxmo.core import StepBatch, tfidf_features
+from proxmo.core import StepBatch, tfidf, tfidf_features
 from proxmo.core.tfidf import MAX_FEATURES, tfidf_matrix
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
@@ -98,3 +98,51 @@ def test_row_without_tokens_is_zero() -> None:
     rows = features.matrix[features.row_index].toarray()
     assert np.linalg.norm(rows[0]) == pytest.approx(1.0, abs=1e-7)
     assert not rows[1].any()
+
+
+# Texts that exercise the tokenizer's corners: non-ASCII words and case rules (final sigma,
+# dotted capital I), digits, underscores, one-character tokens, newlines and control
+# characters inside a text, punctuation-only and empty texts.
+TOKENIZER_TEXTS = [
+    "You arrive at cabinet 1. The cabinet 1 is closed.",
+    "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ. Σ σ ς ΑΣ",
+    "İstanbul'da İİ ıi Iİ",
+    "café Café CAFÉ naïve façade",
+    "snake_case __init__ x_ _y a1 1a 42 7",
+    "line one\nline two\r\nthird\tcol\x01umn\x0bvert",
+    "!!! ... ---",
+    "",
+    "日本語 テキスト ２０２６ ①② x²",
+    "a b c d e f g",
+]
+
+
+@pytest.mark.parametrize("chunk_chars", [1 << 20, 16, 1])
+def test_count_terms_equals_countvectorizer(
+    chunk_chars: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chunk_chars 16 and 1 split the texts into many chunks, mixing ASCII and non-ASCII ones
+    monkeypatch.setattr(tfidf, "_CHUNK_CHARS", chunk_chars)
+    counted = tfidf.count_terms(TOKENIZER_TEXTS)
+    assert counted is not None
+    counts, terms = counted
+    vectorizer = CountVectorizer()
+    reference = vectorizer.fit_transform(TOKENIZER_TEXTS)
+    assert terms == list(vectorizer.get_feature_names_out())
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts.toarray(), reference.toarray())
+
+
+def test_count_terms_ascii_and_regex_paths_agree() -> None:
+    # the same ASCII texts, once through the ASCII path and once forced through the regex
+    texts = [t for t in TOKENIZER_TEXTS if t.isascii()]
+    ascii_counts, ascii_terms = tfidf.count_terms(texts) or (None, None)
+    forced = [*texts, "é"]  # one non-ASCII text sends the whole (single) chunk to the regex
+    regex_counts, regex_terms = tfidf.count_terms(forced) or (None, None)
+    assert ascii_counts is not None and regex_counts is not None
+    assert ascii_terms == regex_terms
+    np.testing.assert_array_equal(ascii_counts.toarray(), regex_counts.toarray()[:-1])
+
+
+def test_count_terms_empty_vocabulary() -> None:
+    assert tfidf.count_terms(["a b c", "", "!?", "1 2 3", "é"]) is None

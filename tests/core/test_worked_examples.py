@@ -400,6 +400,27 @@ def test_e10_row_mean_saturation() -> None:
     np.testing.assert_allclose(paper.episode_advantages[[0, 2]], [0.868953, -0.863098], atol=1e-6)
 
 
+def test_row_mean_single_row_group_uses_mu_zero() -> None:
+    """ALGORITHM.md section 2: ROW_MEAN's mu_g is 0 for a group of a single value, as in the
+    released code. A lone successful row (score 1) thus gets w+ for p = 0 (1.05 at the
+    defaults), not w+ for its raw mean p = 1 (1.0); its STEP-unit MEAN value is the raw score."""
+    cfg = resolve_config("proxmo-rl", {"similarity": "EXACT"})
+    trajs = [
+        traj("lone", "g1", ["s"], [1.0]),
+        traj("a", "g2", ["s", "t"], [0.0, 1.0]),  # one trajectory of two rows: mu = R = 1
+        traj("b", "g3", ["s"], [0.4]),
+        traj("c", "g3", ["s"], [1.0]),  # two single-row trajectories: mu = 0.7
+    ]
+    _, result = run(trajs, cfg)
+    np.testing.assert_array_equal(result.groups.success_rate, [0.0, 1.0, 0.7])
+    w_plus, _ = psc_weights(np.array([0.0]), cfg.psc_alpha, cfg.psc_beta)
+    assert w_plus[0] == pytest.approx(1.05, abs=1e-12)
+    assert result.episode_advantages[0] == pytest.approx(1.0 * w_plus[0], abs=1e-12)
+    assert result.groups.weight_success[0] == pytest.approx(1.05, abs=1e-12)
+    # the two-row group: p = 1, w+ = 1, and x - mu = 0 for both rows
+    np.testing.assert_allclose(result.episode_advantages[1:3], [0.0, 0.0], atol=1e-12)
+
+
 # --- Exact grouping, GiGPO, diagnostics ------------------------------------------------------
 
 
@@ -474,7 +495,10 @@ def test_empty_tfidf_vocabulary_gives_zero_step_term() -> None:
 def test_history_math() -> None:
     assert decay(1.0) == 0.5
     assert decay(8.0) == pytest.approx(0.5 ** (1 / 8))
-    assert apply_update(None, 3, 8, rho=decay(8.0), prior=1.0) == (3.0, 8.0, 3 / 8)
+    # a task's first batch: S = N = 0, so the prior shrinks it too (ALGORITHM.md section 2)
+    assert apply_update(None, 3, 8, rho=decay(8.0), prior=1.0) == (3.0, 8.0, 4 / 10)
+    assert apply_update(None, 3, 8, rho=decay(8.0), prior=0.0) == (3.0, 8.0, 3 / 8)
+    assert apply_update(None, 0, 1, rho=decay(8.0), prior=2.0)[2] == 2 / 5
     s, n, p = apply_update((4.0, 8.0), 1, 8, rho=decay(1.0), prior=0.0)
     assert (s, n, p) == (3.0, 12.0, 0.25)
     assert apply_update((4.0, 8.0), 1, 8, rho=0.5, prior=1.0)[2] == pytest.approx(4 / 14)

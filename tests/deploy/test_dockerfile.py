@@ -88,9 +88,11 @@ def test_runtime_stages() -> None:
 def test_bases_are_pinned() -> None:
     text = DOCKERFILE.read_text()
     for base in re.findall(r"^FROM (\S+)", text, flags=re.M):
-        if base.startswith("${"):
+        if "${" in base or base == "scratch":  # an ARG (checked below), an empty stage
             continue
         assert re.search(r":\d+\.\d+\.\d+", base), f"unpinned base {base}"
+    python = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.M)
+    assert python and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-bookworm", python.group(1))
     ngc = re.search(r"^ARG NGC_PYTORCH_IMAGE=(\S+)$", text, flags=re.M)
     assert ngc and re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", ngc.group(1))
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
@@ -121,8 +123,10 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
             sources.update(args[:-1])
     assert sources >= {"pyproject.toml", "README.md", "service", "clients/python"}
     for source in sorted(sources):
-        assert (ROOT / source).exists(), source
-        assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
+        # build/wheelhouse/ is made by `make deploy-up` (the offline build) before it is copied.
+        assert source.startswith("build/wheelhouse/") or (ROOT / source).exists(), source
+        assert not _ignored(source.rstrip("/").split("*")[0].rstrip("/-"), patterns), \
+            f"{source} is excluded by .dockerignore"
     for excluded in (".venv", ".git", "tests", "clients/node", ".tools"):
         assert _ignored(excluded, patterns), excluded
 

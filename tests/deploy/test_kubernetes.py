@@ -118,6 +118,23 @@ def test_selectors_and_targets_agree() -> None:
     assert hpa["minReplicas"] >= 2 > _kind("PodDisruptionBudget")["spec"]["minAvailable"]
 
 
+def test_grpc_is_balanced_per_call_through_the_headless_service() -> None:
+    """Trainers resolve the headless Service (one address per ready pod) and balance calls
+    round-robin; REST keeps the ClusterIP Service."""
+    from proxmo_client.client import channel_target
+
+    headless = _kind("Service", "proxmo-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
+    assert [p["name"] for p in headless["ports"]] == ["grpc"]
+    rest = _kind("Service", "proxmo")["spec"]
+    assert rest.get("type", "ClusterIP") == "ClusterIP" and "clusterIP" not in rest
+    assert "http" in {p["name"] for p in rest["ports"]}
+    port = next(p["port"] for p in headless["ports"])
+    target, options = channel_target(f"dns:///proxmo-headless:{port}")
+    assert target == "dns:///proxmo-headless:50051"
+    assert "round_robin" in dict(options)["grpc.service_config"]
+
+
 def test_redis_statefulset_is_durable() -> None:
     statefulset = _kind("StatefulSet", "proxmo-redis")
     container = statefulset["spec"]["template"]["spec"]["containers"][0]

@@ -49,6 +49,9 @@ CASES = [
     pytest.param("gigpo", {"step_normalization": "mean"}, id="gigpo"),
     pytest.param("grpo", {}, id="grpo"),
     pytest.param("rloo", {"invalid_action_penalty": 0.5}, id="rloo"),
+    pytest.param("hgpo", {"hgpo_history_length": 3, "hgpo_base_group": True}, id="hgpo"),
+    pytest.param("graphgpo", {"graph_normalize_distance": True, "episode_weight": 0.5},
+                 id="graphgpo"),
 ]
 
 
@@ -94,6 +97,9 @@ def test_node_advantages_equal_python(live_server: LiveServer, tmp_path: Path, p
     for node_g, py_g in zip(from_node["groups"], from_python.groups, strict=True):
         assert node_g["group_id"] == py_g.group_id
         assert abs(node_g["success_rate"] - py_g.success_rate) <= 1e-12
+        for key in ("hgpo_long_history_fraction", "graph_mean_distance",
+                    "graph_unreachable_fraction"):
+            assert abs(node_g[key] - getattr(py_g, key)) <= 1e-12, key
         assert node_g["num_steps"] == py_g.num_steps
     assert from_node["resolved_config"]["preset"] == from_python.resolved_config.preset == preset
 

@@ -52,3 +52,39 @@ def test_encoder_features_match_the_core_and_are_cached() -> None:
     got = np.concatenate([list(t.step_advantages) for t in first.trajectories])
     np.testing.assert_allclose(got, expected.step_advantages, rtol=0, atol=1e-12)
     assert np.any(got != 0.0)
+
+
+def test_encoder_with_history_matches_the_core_and_stores_once() -> None:
+    """ENCODER + HISTORY (the default preset): the components are computed from the encoder's
+    vectors in their own stage, checked, and only then is the store written."""
+    from proxmo.encoder import EncoderSettings, create_embedder
+
+    request = group_request(request_id="enc-hist", preset="proxmo",
+                            similarity=pb.SIMILARITY_ENCODER,
+                            groups=(("g0", (True, False, True, False)),))
+    store = MemoryStore()
+
+    async def scenario() -> tuple[pb.ComputeAdvantagesResponse, np.ndarray]:
+        embedder = await create_embedder(EncoderSettings(backend="torch-cpu"))
+        engine = Engine(store=store, embedder=embedder,
+                        default_similarity=Similarity.ENCODER, compute_threads=1)
+        try:
+            answer = await engine.compute(request)
+            batch = StepBatch.from_trajectories(request_to_core(request).trajectories)
+            return answer, await embedder.embed(batch.states)
+        finally:
+            engine.close()
+            await embedder.close()
+
+    answer, vectors = run(scenario())
+    assert answer.groups[0].success_rate_source == pb.SUCCESS_RATE_SOURCE_HISTORY
+    assert answer.groups[0].success_rate == 0.5  # first batch, prior 0
+    batch = StepBatch.from_trajectories(request_to_core(request).trajectories)
+    cfg = resolve_config("proxmo", {"similarity": "ENCODER"})
+    expected = compute_advantages(batch, cfg, features=dense_features(vectors, batch.row_state),
+                                  group_success_rate=np.array([0.5]))
+    got = np.concatenate([list(t.advantages) for t in answer.trajectories])
+    np.testing.assert_allclose(got, expected.advantages, rtol=0, atol=1e-12)
+    [record] = run(store.get(["g0"]))
+    assert record.updates == 1
+    assert answer.timing.featurize_ns > 0 and answer.timing.compute_ns > 0

@@ -316,7 +316,8 @@ def test_metrics(store: MemoryStore) -> None:
 
 def test_server_presets(engine: Engine) -> None:
     presets = {p.name: p for p in engine.server_presets()}
-    assert set(presets) == {"proxmo", "paper", "proxmo-rl", "gigpo", "grpo", "rloo"}
+    assert set(presets) == {"proxmo", "paper", "proxmo-rl", "gigpo", "grpo", "rloo", "hgpo",
+                            "graphgpo"}
     assert presets["proxmo"].config.success_rate_source == pb.SUCCESS_RATE_SOURCE_HISTORY
     assert presets["proxmo"].config.similarity == pb.SIMILARITY_TFIDF  # the engine default
     assert presets["gigpo"].config.estimator == pb.ESTIMATOR_GIGPO

@@ -237,7 +237,8 @@ def test_a_killed_worker_fails_only_its_request_and_the_pool_comes_back() -> Non
     slow = group_request(preset="paper")
     for i, trajectory in enumerate(slow.trajectories):
         trajectory.steps.extend(
-            [pb.Step(state=f"room {i} item {k} at {k % 13}") for k in range(900)]
+            # 250 distinct states a trajectory: within the 1,024 a group may hold under PSA
+            [pb.Step(state=f"room {i} item {k % 250}") for k in range(900)]
         )
     small = group_request(preset="paper")
 

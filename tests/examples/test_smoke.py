@@ -1,8 +1,10 @@
 """A short run of the example (one seed, a few iterations) against a real server: the whole
 loop (TextWorld rollouts -> ComputeAdvantages over gRPC -> PPO update -> CSV/PNG/table).
 
-About 25 s on a quiet 2-core machine (server start with the CPU encoder included); the subprocess
-budget is far larger because the cores are shared with other test runs."""
+About 25 s on a quiet 2-core machine with the two ProxMO variants (server start with the CPU
+encoder included; measured before hgpo and graphgpo joined the run, which add their own
+iterations but no second server start: 162 s for all four on a machine loaded 8x over its 2
+cores). The subprocess budget is far larger because the cores are shared with other test runs."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from pathlib import Path
 
 from .conftest import EXAMPLES_DIR, REDIS_URL
 
-ESTIMATORS = ("proxmo-tfidf", "proxmo-encoder")
+# ProxMO over both similarities, and verl-agent's HGPO and GraphGPO in the same harness.
+ESTIMATORS = ("proxmo-tfidf", "proxmo-encoder", "hgpo", "graphgpo")
 ITERATIONS = 3
 GAMES = 2
 ROLLOUTS = 4
 
 
-def _run(python: Path, *args: str, timeout: float = 270) -> subprocess.CompletedProcess[str]:
+def _run(python: Path, *args: str, timeout: float = 360) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     return subprocess.run([str(python), "-m", "textworld_agent", *args], cwd=EXAMPLES_DIR,
@@ -60,6 +63,8 @@ def test_smoke_run_trains_through_the_service(examples_python: Path, tmp_path: P
     assert all(f"| {name} | 1 | {ITERATIONS} |" in table for name in ESTIMATORS)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["machine"]["nproc"] >= 1 and meta["config"]["iterations"] == ITERATIONS
+    assert meta["estimators"]["hgpo"]["preset"] == "hgpo"
+    assert meta["estimators"]["graphgpo"]["preset"] == "graphgpo"
     # The server it started used the real Redis store and saw ENCODER requests.
     log = (out / "server.log").read_text()
     assert "redis" in log.lower()

@@ -139,10 +139,106 @@ def many_groups_request(groups: int, steps: int) -> pb.ComputeAdvantagesRequest:
     return request
 
 
+# --- corners (ALGORITHM.md section 5a): extreme finite values, at and beyond every bound --------
+
+SUBNORMAL = 5e-324
+MAX_ABS_REWARD = 1e15  # the service's accepted ranges (docs/server.md "Accepted value ranges")
+MAX_STEPS = 1000  # the server's default max_steps_per_trajectory
+EDGE_REWARDS = (MAX_ABS_REWARD, -MAX_ABS_REWARD, 1e-300, -1e-300, SUBNORMAL, -SUBNORMAL,
+                2.2250738585072014e-308, -0.0, 0.0, 1.0)
+BEYOND_REWARDS = (1e308, -1e308, MAX_ABS_REWARD * (1 + 1e-12), -MAX_ABS_REWARD * 1.5, 1e16)
+# float32 on the wire: 1e15 and the float32 subnormal 1e-45 are exact enough to stay in range
+EDGE_EMBEDDINGS = (1e15, -1e15, 1e-45, -0.0, 1e-30, 1.0)
+BEYOND_EMBEDDINGS = (1e16, -3e38)
+# Per numeric config field: values at its bounds (or tiny / huge where it has none) ...
+EDGE_CONFIG: dict[str, tuple[float, ...]] = {
+    "gamma": (0.0, 1.0, -0.0, SUBNORMAL),
+    "tau": (SUBNORMAL, 1e-300, 1e-12, 1e308),
+    "step_weight": (0.0, 1e6, SUBNORMAL),
+    "psc_alpha": (SUBNORMAL, 1e-300, 1e308),
+    "psc_beta": (0.0, 4.3279, SUBNORMAL),
+    "psc_range": (0.0, 1.0, SUBNORMAL),
+    "invalid_action_penalty": (0.0, 1e15, SUBNORMAL),
+    "success_threshold": (-1e308, 1e308, -0.0, SUBNORMAL),
+    "history_half_life": (SUBNORMAL, 1e308),
+    "history_prior": (0.0, 1e9),
+    "hgpo_alpha": (-16.0, 16.0),
+    "graph_success_value": (0.0, 1e15),
+    "episode_weight": (0.0, 1e6),
+}
+# ... and beyond them (every one refused, naming the field).
+BEYOND_CONFIG: dict[str, tuple[float, ...]] = {
+    "gamma": (-SUBNORMAL, 1.0000000000000002, 1e308),
+    "tau": (0.0, -0.0, -SUBNORMAL, -1e308),
+    "step_weight": (-SUBNORMAL, 1e6 * (1 + 1e-12), 1e308),
+    "psc_alpha": (0.0, -0.0, -1.0),
+    "psc_beta": (-SUBNORMAL, 4.33, 1e308),
+    "psc_range": (-SUBNORMAL, 1.0000000000000002),
+    "invalid_action_penalty": (-SUBNORMAL, 1e15 * (1 + 1e-12), 1e308),
+    "history_half_life": (0.0, -1.0),
+    "history_prior": (-SUBNORMAL, 1e9 * (1 + 1e-12), 1e308),
+    "hgpo_alpha": (-16.000000000000004, 17.0),
+    "graph_success_value": (-SUBNORMAL, 1e16),
+    "episode_weight": (-SUBNORMAL, 1e6 * (1 + 1e-12)),
+}
+_CONFIG_FIELDS = pb.EstimatorConfig.DESCRIPTOR.fields_by_name
+
+
+@st.composite
+def edge_requests(draw: st.DrawFn, valid: bool) -> pb.ComputeAdvantagesRequest:
+    """A well-formed request at the corners: groups of one trajectory of one step, trajectories
+    of 1 .. 1000 steps, rewards and embedding values at the bounds, subnormal and -0.0, numeric
+    config fields at their bounds. ``valid``: every value accepted (the answer must be OK and
+    finite); else exactly one thing beyond its bound (a reward, an embedding value, a config
+    field, or 1001 steps), which must be refused with INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+    config = pb.EstimatorConfig(preset=draw(st.sampled_from(
+        ("", "proxmo", "paper", "proxmo-rl", "gigpo", "grpo", "rloo"))))
+    config.similarity = draw(st.sampled_from(
+        (pb.SIMILARITY_TFIDF, pb.SIMILARITY_EXACT, pb.SIMILARITY_PRECOMPUTED)))
+    edge_names = [n for n in EDGE_CONFIG if n in _CONFIG_FIELDS]
+    names = draw(st.lists(st.sampled_from(edge_names), unique=True, max_size=5))
+    for name in names:
+        if name == "psc_range" and "psc_beta" in names:
+            continue  # one of the two only
+        setattr(config, name, draw(st.sampled_from(EDGE_CONFIG[name])))
+    request = pb.ComputeAdvantagesRequest(config=config, dry_run=draw(st.booleans()))
+    dim = 3
+    for g in range(draw(st.integers(1, 3))):
+        for k in range(draw(st.sampled_from((1, 1, 2, 3)))):
+            trajectory = request.trajectories.add(trajectory_id=f"g{g}-t{k}", group_id=f"g{g}")
+            n = draw(st.sampled_from((1, 1, 2, 5, 300, MAX_STEPS)))
+            rewards = draw(st.lists(st.sampled_from(EDGE_REWARDS), min_size=n, max_size=n))
+            for t in range(n):
+                step = trajectory.steps.add(state=STATES[(g + k + t) % len(STATES)],
+                                            reward=rewards[t],
+                                            invalid_action=(t % 7 == 3))
+                step.state_embedding.extend(
+                    draw(st.lists(st.sampled_from(EDGE_EMBEDDINGS), min_size=dim, max_size=dim)))
+    if not valid:
+        target = draw(st.sampled_from(("reward", "embedding", "config", "steps")))
+        trajectory = draw(st.sampled_from(list(request.trajectories)))
+        step = trajectory.steps[draw(st.integers(0, len(trajectory.steps) - 1))]
+        if target == "reward":
+            step.reward = draw(st.sampled_from(BEYOND_REWARDS))
+        elif target == "embedding":
+            step.state_embedding[0] = draw(st.sampled_from(BEYOND_EMBEDDINGS))
+        elif target == "config":
+            name = draw(st.sampled_from([n for n in BEYOND_CONFIG if n in _CONFIG_FIELDS]))
+            config = request.config
+            config.ClearField("psc_beta")
+            config.ClearField("psc_range")
+            setattr(config, name, draw(st.sampled_from(BEYOND_CONFIG[name])))
+        else:
+            for t in range(MAX_STEPS + 1 - len(trajectory.steps)):
+                trajectory.steps.add(state=STATES[t % len(STATES)], reward=0.0)
+    return request
+
+
 requests = st.one_of(
     small_requests(), small_requests(), small_requests(), small_requests(),
     small_requests(), small_requests(),
     st.builds(many_groups_request, st.integers(1000, 2600), st.integers(1, 2)),
+    edge_requests(valid=True), edge_requests(valid=False),
 )
 
 

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from proxmo_client import ProxmoClient, UnauthenticatedError
+from proxmo_client import PermissionDeniedError, ProxmoClient, UnauthenticatedError
 from proxmo_client.v1 import proxmo_pb2 as pb
 from server.conftest import make_request, unique
 from support.proxmo_server import metric_value
@@ -218,3 +218,74 @@ def test_refusals_are_logged_as_json_without_secrets(guarded: ServerProcess) -> 
     refusals = [line for line in lines if line.get("code") == "UNAUTHENTICATED"]
     assert refusals and all(line["rpc"] for line in refusals)
     assert "leaked-guess-123" not in guarded.logs()
+
+
+# --- the admin token (destructive calls) --------------------------------------------------------
+
+ADMIN_TOKEN = "adm-Wq4u7Jd1Xc9b"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _store_two_tasks(server: ServerProcess, prefix: str) -> None:
+    request = history_request(prefix)
+    request.request_id = unique(prefix)  # a new batch each time, never a replay
+    server.stub.ComputeAdvantages(request, metadata=tuple(GOOD.items()), timeout=30)
+
+
+def _stored(server: ServerProcess, prefix: str) -> list[str]:
+    answer = server.stub.GetSuccessRates(pb.GetSuccessRatesRequest(prefix=prefix),
+                                         metadata=tuple(GOOD.items()), timeout=10)
+    return sorted(t.task_id for t in answer.tasks)
+
+
+def test_resets_need_the_admin_token_and_trainer_tokens_never_suffice(
+    start_server: StartServer,
+) -> None:
+    server = start_server("--auth-token", TOKEN, "--admin-token", ADMIN_TOKEN)
+    prefix = unique("admin")
+    _store_two_tasks(server, prefix)
+    reset = pb.ResetSuccessRatesRequest(task_ids=[f"{prefix}-0"])
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.ResetSuccessRates(reset, metadata=tuple(GOOD.items()), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "admin token" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:  # no token at all: UNAUTHENTICATED first
+        server.stub.ResetSuccessRates(reset, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for path in ("/v1/tasks", f"/v1/tasks/{prefix}-0"):
+        answer = httpx.delete(server.http_url + path, headers=GOOD, timeout=10)
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "PERMISSION_DENIED"
+    assert _stored(server, prefix) == [f"{prefix}-0", f"{prefix}-1"]  # nothing deleted
+    scraped = httpx.get(f"{server.http_url}/metrics", headers=GOOD, timeout=5).text
+    assert metric_value(scraped, "proxmo_rejected_total", reason="permission_denied") == 3
+
+    # The admin token deletes, over gRPC, REST and the Python client; it opens the rest too.
+    done = server.stub.ResetSuccessRates(reset, metadata=tuple(ADMIN.items()), timeout=10)
+    assert done.deleted == 1
+    assert httpx.delete(f"{server.http_url}/v1/tasks/{prefix}-1", headers=ADMIN,
+                        timeout=10).status_code == 200
+    _store_two_tasks(server, prefix)
+    with ProxmoClient(server.grpc_target, token=TOKEN) as client:
+        with pytest.raises(PermissionDeniedError):
+            client.reset_success_rates([f"{prefix}-0"])
+        assert client.reset_success_rates([f"{prefix}-0"], admin_token=ADMIN_TOKEN).deleted == 1
+    assert httpx.get(f"{server.http_url}/v1/info", headers=ADMIN, timeout=10).status_code == 200
+    assert ADMIN_TOKEN not in server.logs()
+
+
+def test_without_an_admin_token_resets_are_refused_to_everyone(guarded: ServerProcess) -> None:
+    reset = pb.ResetSuccessRatesRequest(all_tasks=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        guarded.stub.ResetSuccessRates(reset, metadata=tuple(GOOD.items()), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "no admin token" in caught.value.details()
+    answer = httpx.delete(f"{guarded.http_url}/v1/tasks", headers=GOOD, timeout=10)
+    assert answer.status_code == 403
+
+
+def test_admin_token_settings(start_server: StartServer) -> None:
+    alone = start_server("--admin-token", ADMIN_TOKEN, wait=False)
+    assert exit_of(alone) == 2 and "admin_token: needs auth_token" in alone.logs()
+    same = start_server("--auth-token", TOKEN, "--admin-token", TOKEN, wait=False)
+    assert exit_of(same) == 2 and "admin_token: must differ" in same.logs()

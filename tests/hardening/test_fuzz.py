@@ -28,6 +28,7 @@ from hardening.fuzzing import (
     ALLOWED_CODES,
     advantages_of,
     check_shaped_like,
+    edge_requests,
     grpc_outcome,
     json_float32_overflow,
     parse_rest_answer,
@@ -39,6 +40,7 @@ from hardening.fuzzing import (
 FUZZ = settings(max_examples=FUZZ_CASES, deadline=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 COMPUTE = "/proxmo.v1.CreditAssignmentService/ComputeAdvantages"
+CORNER_CASES = max(20, FUZZ_CASES // 4)  # up to 9,000 steps each: a quarter of the cases
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,38 @@ def test_fuzz_both_doors(fuzz_server: ServerProcess, http: httpx.Client) -> None
     print(f"\nfuzz, both doors: {dict(outcomes)}")
     assert sum(outcomes.values()) >= FUZZ_CASES  # every case ran
     assert outcomes["OK"] > 0, outcomes  # and valid requests were among them
+
+
+def test_fuzz_corners_both_doors(fuzz_server: ServerProcess, http: httpx.Client) -> None:
+    """ALGORITHM.md section 5a at the corners (fuzzing.edge_requests): a request whose every
+    value is within its accepted range is answered OK on both doors, finite and shaped like
+    it, however extreme (+-1e15 rewards, subnormals, -0.0, tau 5e-324 or 1e308, groups of one,
+    1000-step trajectories); one value beyond its bound is refused on both doors with
+    INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming a field, never answered."""
+    compute = fuzz_server.stub.ComputeAdvantages
+    outcomes: Counter[str] = Counter()
+
+    @settings(FUZZ, max_examples=CORNER_CASES)
+    @given(valid=st.booleans(), data=st.data())
+    def case(valid: bool, data: st.DataObject) -> None:
+        request = data.draw(edge_requests(valid))
+        code, response, details = grpc_outcome(compute, request)
+        outcomes[f"{'valid' if valid else 'beyond'}:{code.name}"] += 1
+        answer = http.post("/v1/advantages", content=rest_body(request),
+                           headers={"content-type": "application/json"})
+        rest_code, rest_response = parse_rest_answer(answer.status_code, answer.text)
+        assert rest_code == code.name, (rest_code, code, details, answer.text[:300])
+        if valid:
+            assert code == grpc.StatusCode.OK, (code, details)
+            check_shaped_like(request, response)  # type: ignore[arg-type]
+            check_shaped_like(request, rest_response)  # type: ignore[arg-type]
+        else:
+            assert code in ALLOWED_CODES - {grpc.StatusCode.OK}, (code, details)
+            assert answer.json()["error"]["field"], answer.text[:300]
+
+    case()
+    print(f"\nfuzz, corners, both doors: {dict(sorted(outcomes.items()))}")
+    assert outcomes["valid:OK"] > 0 and sum(outcomes.values()) >= CORNER_CASES
 
 
 def test_fuzz_streams(fuzz_server: ServerProcess) -> None:

@@ -1,7 +1,8 @@
 """Trainer-integration tests: a real ``proxmo-server`` (from the main .venv) on free ports.
 
-``test_verl.py`` and ``test_trl.py`` need the trainers venv (``make trainers-venv``;
-run them with ``make test-trainers``). Where verl or TRL is not importable (the main venv),
+``test_verl.py``, ``test_verl_fork.py`` and ``test_trl.py`` need the trainers venv
+(``make trainers-venv``; run them with ``make test-trainers``). Where verl, TRL or ray is not
+importable (the main venv),
 those files are not collected at all, so the main ``pytest`` run stays green and fast;
 ``test_rows.py`` (numpy and the client only) runs in both.
 """
@@ -27,7 +28,8 @@ REDIS_URL = os.environ.get("PROXMO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 collect_ignore = [
     name
-    for name, module in (("test_verl.py", "verl"), ("test_trl.py", "trl"))
+    for name, module in (("test_verl.py", "verl"), ("test_trl.py", "trl"),
+                         ("test_verl_fork.py", "ray"))
     if importlib.util.find_spec(module) is None
 ]
 

@@ -172,11 +172,12 @@ def make_trainer(
     return trainer
 
 
+@pytest.mark.parametrize("preset", ["paper", "hgpo", "graphgpo"])
 def test_two_training_steps_train_on_the_services_turn_advantages(
-    server: Any, tmp_path: Path
+    server: Any, tmp_path: Path, preset: str
 ) -> None:
     rollouts = ScriptedRollouts(tiny_tokenizer())
-    trainer = make_trainer(tmp_path, server.target, rollouts, preset="paper")
+    trainer = make_trainer(tmp_path, server.target, rollouts, preset=preset)
     trainer.train()
     assert trainer.state.global_step == 2
     assert len(rollouts.calls) == 2 and len(trainer.seen) == 2
@@ -190,7 +191,7 @@ def test_two_training_steps_train_on_the_services_turn_advantages(
                  "states": c["states"], "rewards": c["rewards"], "invalid": c["invalid"]}
                 for i, c in enumerate(call)
             ]  # fmt: skip
-            direct = client.compute_advantages(trajectories, preset="paper")
+            direct = client.compute_advantages(trajectories, preset=preset)
             expected = {}
             for c, answer in zip(call, direct.trajectories, strict=True):
                 per_turn = list(answer.advantages)

@@ -202,3 +202,32 @@ def test_estimator_outside_compute_advantage_says_how_to_call_it() -> None:
             token_level_rewards=torch.zeros(rows.response_mask.shape),
             response_mask=torch.as_tensor(rows.response_mask), index=rows.uid,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", plugin.PRESET_ESTIMATORS)
+def test_hgpo_and_graphgpo_are_served_with_their_preset(server: object, estimator: str) -> None:
+    """adv_estimator=hgpo / graphgpo: registered in verl's registry, the preset of that name by
+    default, another preset and overrides when configured, rows reordered by _balance_batch."""
+    assert core_algos.get_adv_estimator_fn(estimator) is plugin._PRESET_ESTIMATOR_FNS[estimator]
+    rows = rollout_rows(seed=5)
+    config = OmegaConf.create(
+        {"adv_estimator": estimator, "gamma": 1.0, "proxmo": {"server": server.target}}
+    )
+    out = ray_trainer.compute_advantage(to_data_proto(rows), adv_estimator=estimator, config=config)
+    assert_matches(out, direct_per_step(server.target, rows, preset=estimator), rows.step_index)
+
+    order = np.concatenate([np.arange(rows.num_rows), [0, 3]])
+    data = to_data_proto(rows.take(order))
+    overrides = {"hgpo_history_length": 0, "episode_weight": 0.5, "gamma": 0.5}
+    config = OmegaConf.create({"adv_estimator": estimator, "proxmo": {
+        "server": server.target, "overrides": overrides, "dry_run": True}})  # fmt: skip
+    balance(data, config)
+    out = ray_trainer.compute_advantage(data, adv_estimator=estimator, config=config)
+    want = direct_per_step(server.target, rows, preset=estimator, dry_run=True, **overrides)
+    assert_matches(out, want, out.non_tensor_batch["step_index"].astype(np.int64))
+
+    explicit = algorithm_config(server.target, preset="gigpo")
+    out = ray_trainer.compute_advantage(
+        to_data_proto(rows), adv_estimator=estimator, config=explicit
+    )
+    assert_matches(out, direct_per_step(server.target, rows, preset="gigpo"), rows.step_index)

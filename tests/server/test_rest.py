@@ -67,7 +67,7 @@ def test_tasks_and_resets(server: ServerProcess) -> None:
 
 
 def test_reset_all_and_auth_token(start_server: StartServer) -> None:
-    guarded = start_server("--auth-token", "s3cret")
+    guarded = start_server("--auth-token", "s3cret", "--admin-token", "adm1n")
     token = {"authorization": "Bearer s3cret"}
     guarded.stub.ComputeAdvantages(make_request(task_prefix="x"), timeout=30,
                                    metadata=tuple(token.items()))
@@ -77,13 +77,15 @@ def test_reset_all_and_auth_token(start_server: StartServer) -> None:
     wrong = httpx.delete(f"{guarded.http_url}/v1/tasks", timeout=5,
                          headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    trainer = httpx.delete(f"{guarded.http_url}/v1/tasks", timeout=5, headers=token)
+    assert trainer.status_code == 403  # resets take the admin token only
     done = httpx.delete(f"{guarded.http_url}/v1/tasks", timeout=5,
-                        headers={"authorization": "Bearer s3cret"})
+                        headers={"authorization": "Bearer adm1n"})
     assert done.status_code == 200 and done.json() == {"deleted": "2"}
     assert httpx.get(f"{guarded.http_url}/v1/tasks", timeout=5,
                      headers=token).json()["tasks"] == []
-    # The token is never printed.
-    assert "s3cret" not in guarded.logs()
+    # The tokens are never printed.
+    assert "s3cret" not in guarded.logs() and "adm1n" not in guarded.logs()
 
 
 def test_info_matches_grpc(server: ServerProcess) -> None:

@@ -7,6 +7,7 @@ test gets a fresh random namespace whose keys are deleted afterwards. Fault test
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -76,6 +77,15 @@ def make_store(store_kind: str, namespace: str, request: pytest.FixtureRequest) 
     if url:
         for ns in used:
             delete_namespace(url, ns)
+
+
+async def flush_all(store: RedisStore, seconds: float = 10.0) -> None:
+    """Flushes the store's buffer until it is empty (Redis back after a fault); fails if not."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await store.flush():
+        assert asyncio.get_running_loop().time() < deadline, "buffer not flushed in time"
+        await asyncio.sleep(0.1)
+    assert store.buffered_updates == 0
 
 
 @pytest.fixture

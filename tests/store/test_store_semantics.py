@@ -36,7 +36,7 @@ def test_first_update_equals_batch_estimate(make_store) -> None:
 def test_decay_by_hand_half_life_2_prior_1(make_store) -> None:
     """Three updates (3/4, 1/4, 4/4), rho = sqrt(1/2), a = b = 1, worked by hand:
 
-    1: S = 3,             N = 4,              p = 3/4 (no history: the BATCH estimate)
+    1: S = 3,             N = 4,              p = (3 + 1) / (4 + 2) = 2/3 (no history: S = N = 0)
     2: S = 3 rho + 1,     N = 4 rho + 4,      p = (3 rho + 2) / (4 rho + 6)
     3: S = 5.5 + rho,     N = 6 + 4 rho,      p = (6.5 + rho) / (8 + 4 rho)
        (S = rho (3 rho + 1) + 4 = 1.5 + rho + 4; N = rho (4 rho + 4) + 4 = 2 + 4 rho + 4)
@@ -51,7 +51,7 @@ def test_decay_by_hand_half_life_2_prior_1(make_store) -> None:
                 f"r{i}", [TaskUpdate("t", successes, 4)], half_life=2, prior=1, dry_run=False
             )
             ps.append(result.rates["t"])
-        assert ps[0] == 3 / 4
+        assert ps[0] == (3 + 1) / (4 + 2)  # the prior shrinks a task's first batch too
         assert ps[1] == pytest.approx((3 * rho + 2) / (4 * rho + 6), abs=1e-15)
         assert ps[2] == pytest.approx((6.5 + rho) / (8 + 4 * rho), abs=1e-15)
         assert ps[2] == pytest.approx(0.6655728, abs=1e-7)  # the same, as a number
@@ -129,7 +129,7 @@ def test_dry_run_writes_nothing_and_reports_the_real_p(make_store) -> None:
                                  half_life=3, prior=0.5, dry_run=False)
         assert not real.replayed
         assert dry.rates == real.rates
-        assert real.rates["new"] == 1 / 3  # no history: the BATCH estimate, prior or not
+        assert real.rates["new"] == (1 + 0.5) / (3 + 1)  # no history: S = N = 0, then the prior
         # A dry run of an applied id reports the first application, like a replay.
         dry_again = await store.apply("r1", [TaskUpdate("t", 0, 4)], half_life=3, prior=0.5,
                                       dry_run=True)

@@ -55,10 +55,13 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 class ProxmoServer:
     """One ``proxmo-server`` subprocess on 127.0.0.1 (started by the constructor, not waited
     for). ``ports`` = (gRPC, HTTP), free ones by default; ``env`` is added to this process's
-    environment and the offline variables. Usable as a context manager (``stop()`` on exit)."""
+    environment and the offline variables; ``new_session``: the server leads its own session
+    and process group (pgid = its pid), as under systemd or ``tini -g``. Usable as a context
+    manager (``stop()`` on exit)."""
 
     def __init__(self, args: Sequence[str], log_path: Path, *,
-                 env: Mapping[str, str] | None = None, ports: Sequence[int] = ()) -> None:
+                 env: Mapping[str, str] | None = None, ports: Sequence[int] = (),
+                 new_session: bool = False) -> None:
         self.grpc_port, self.http_port = ports or free_ports(2)
         self.log_path = log_path
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
@@ -69,7 +72,7 @@ class ProxmoServer:
             [str(SERVER_BIN), "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--http-port", str(self.http_port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, **OFFLINE_ENV, **(env or {})},
+            env={**os.environ, **OFFLINE_ENV, **(env or {})}, start_new_session=new_session,
         )
 
     def __enter__(self: Server) -> Server:

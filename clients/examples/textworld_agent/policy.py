@@ -140,16 +140,23 @@ def ppo_update(
     epochs: int = 4,
     clip: float = 0.2,
     entropy_coef: float = 0.01,
+    target_kl: float | None = None,
 ) -> dict[str, float]:
     """PPO's clipped objective on per-step advantages (one row per step, full batch).
 
     L = -mean_t min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) - c_H mean_t H_t,
     r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
+    With ``target_kl``, epochs stop early once the approximate KL(pi_old || pi),
+    mean_t (r_t - 1 - log r_t), exceeds it (measured before each epoch's step).
     """
     stats: dict[str, float] = {}
-    for _ in range(epochs):
+    for epoch in range(epochs):
         log_p, entropy = policy.log_probs(batch)
-        ratio = (log_p - old_log_probs).exp()
+        log_ratio = log_p - old_log_probs
+        ratio = log_ratio.exp()
+        approx_kl = float((ratio.detach() - 1 - log_ratio.detach()).mean())
+        if target_kl is not None and epoch > 0 and approx_kl > target_kl:
+            break
         surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
         loss = -surrogate.mean() - entropy_coef * entropy.mean()
         optimizer.zero_grad()
@@ -160,5 +167,7 @@ def ppo_update(
             "loss": float(loss.detach()),
             "entropy": float(entropy.detach().mean()),
             "clip_fraction": float(((ratio - 1).abs() > clip).float().mean()),
+            "approx_kl": approx_kl,
+            "epochs": float(epoch + 1),
         }
     return stats

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-MAIN_ESTIMATORS = ("proxmo-tfidf", "proxmo-encoder", "paper", "gigpo", "grpo")
+MAIN_ESTIMATORS = ("proxmo-tfidf", "proxmo-encoder", "paper", "gigpo", "hgpo", "graphgpo", "grpo")
 TAU_SWEEP = {"proxmo-encoder-tau0.02": 0.02, "proxmo-encoder": 0.05, "proxmo-encoder-tau0.1": 0.1}
 SMOOTH = 3  # iterations in the moving average of a curve (one iteration is a noisy estimate)
 TARGET = 0.8  # success rate of the "env steps to reach" column

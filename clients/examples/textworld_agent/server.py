@@ -53,7 +53,8 @@ class ProxmoServer:
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         )  # fmt: skip
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    # Generous: on 2 cores shared by many jobs the encoder load alone took over 120 s.
+    def wait_ready(self, timeout: float = 600.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -28,6 +28,9 @@ class EstimatorSpec:
     name: str
     preset: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # gamma of a return discounted on the client (r_t -> gamma^t r_t before the call), so an
+    # outcome-only estimator (GRPO) also sees episode length; None sends the raw rewards.
+    discount_return: float | None = None
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {
@@ -39,9 +42,21 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         EstimatorSpec("proxmo-encoder-tau0.1", "proxmo", {"similarity": "encoder", "tau": 0.1}),
         EstimatorSpec("paper", "paper"),
         EstimatorSpec("gigpo", "gigpo"),
+        EstimatorSpec("hgpo", "hgpo"),
+        EstimatorSpec("graphgpo", "graphgpo"),
         EstimatorSpec("grpo", "grpo"),
+        # Issue 18's ablations (the default proxmo preset is proxmo-encoder above).
+        EstimatorSpec("proxmo-encoder-tau0.2", "proxmo", {"similarity": "encoder", "tau": 0.2}),
+        EstimatorSpec("proxmo-exact", "proxmo", {"similarity": "exact"}),
+        EstimatorSpec("proxmo-nopsc", "proxmo", {"similarity": "encoder", "tau": 0.05,
+                                                 "psc_enabled": False}),
+        EstimatorSpec("proxmo-batch", "proxmo", {"similarity": "encoder", "tau": 0.05,
+                                                 "success_rate_source": "batch"}),
+        EstimatorSpec("gigpo-psc", "gigpo", {"psc_enabled": True,
+                                             "success_rate_source": "history"}),
+        EstimatorSpec("grpo-discounted", "grpo", discount_return=0.95),
     )
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,10 @@ class TrainConfig:
     ppo_epochs: int = 4
     clip: float = 0.2
     entropy_coef: float = 0.01
+    # The regimes' gentler settings (None keeps the original example's behaviour):
+    target_kl: float | None = None  # stop an update's epochs early past this approximate KL
+    entropy_final: float | None = None  # anneal entropy_coef linearly to this over the run
+    env_step_budget: int | None = None  # stop at the first iteration reaching this many steps
 
 
 @dataclass
@@ -83,10 +102,8 @@ class _StepBuffer:
         )
 
 
-def _act(
-    policy: PairScorer, embedder: TextEmbedder, obs: Observation, rng: torch.Generator
-) -> tuple[int, float]:
-    """Sample a command index from pi(. | obs); returns (index, log-prob)."""
+def _log_pi(policy: PairScorer, embedder: TextEmbedder, obs: Observation) -> torch.Tensor:
+    """log pi(. | obs) over obs.commands, without gradients."""
     n = len(obs.commands)
     choices = StepChoices(
         state=embedder.embed([obs.state]),
@@ -96,7 +113,14 @@ def _act(
         chosen=torch.zeros(1, dtype=torch.int64),
     )
     with torch.no_grad():
-        log_p = policy.log_softmax(choices)
+        return policy.log_softmax(choices)
+
+
+def _act(
+    policy: PairScorer, embedder: TextEmbedder, obs: Observation, rng: torch.Generator
+) -> tuple[int, float]:
+    """Sample a command index from pi(. | obs); returns (index, log-prob)."""
+    log_p = _log_pi(policy, embedder, obs)
     index = int(torch.multinomial(log_p.exp(), 1, generator=rng))
     return index, float(log_p[index])
 
@@ -110,16 +134,27 @@ def train_run(
     embedder: TextEmbedder,
     config: TrainConfig,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    eval_paths: Sequence[Path] = (),
+    games_per_iteration: int | None = None,
+    noisy: bool = False,
 ) -> list[dict[str, Any]]:
     """Train a fresh policy (init and sampling seeded by ``seed``); one record per iteration.
 
     Task ids carry a unique run id, so runs sharing a server never share success histories.
+    With ``eval_paths``, ``success_rate`` is the greedy policy's success on those (held-out)
+    games after the iteration's update, one episode each, and ``train_success_rate`` the
+    sampled rollouts'; without, both are the rollouts' success. ``games_per_iteration`` draws
+    that many training games per iteration (seeded by ``seed``); ``noisy`` gives every game
+    observation noise seeded by ``seed`` (the noisy regime).
     """
     torch.manual_seed(seed)
     policy = PairScorer()
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     rng = torch.Generator().manual_seed(seed)
-    games = [Game(path) for path in game_paths]
+    draw = np.random.default_rng(seed)
+    noise = (lambda i: seed * 100_003 + i) if noisy else (lambda i: None)
+    games = [Game(path, noise(i)) for i, path in enumerate(game_paths)]
+    eval_games = [Game(path, noise(len(games) + i)) for i, path in enumerate(eval_paths)]
     run_id = f"{spec.name}/seed{seed}/{time.time_ns()}"
     records: list[dict[str, Any]] = []
     env_steps = 0
@@ -130,7 +165,12 @@ def train_run(
             buffer = _StepBuffer()
             trajectories: list[dict[str, Any]] = []
             wins: list[bool] = []
-            for game in games:
+            if games_per_iteration is None:
+                playing = games
+            else:
+                picks = draw.choice(len(games), size=games_per_iteration, replace=False)
+                playing = [games[i] for i in sorted(picks)]
+            for game in playing:
                 for r in range(config.rollouts):
                     episode = _Episode()
                     obs = game.reset()
@@ -162,7 +202,7 @@ def train_run(
                         "group_id": f"{run_id}/it{iteration}/{game.name}",
                         "task_id": f"{run_id}/{game.name}",
                         "states": episode.states,
-                        "rewards": episode.rewards,
+                        "rewards": _discounted(episode.rewards, spec.discount_return),
                         "success": episode.won,
                     })  # fmt: skip
             rollout_s = time.perf_counter() - started
@@ -178,21 +218,34 @@ def train_run(
             stats = ppo_update(
                 policy, optimizer, buffer.to_batch(embedder),
                 torch.tensor(buffer.old_log_probs), advantages,
-                epochs=config.ppo_epochs, clip=config.clip, entropy_coef=config.entropy_coef,
+                epochs=config.ppo_epochs, clip=config.clip, target_kl=config.target_kl,
+                entropy_coef=_entropy_coef(config, iteration, env_steps),
             )  # fmt: skip
             iteration_steps = len(buffer.states)
             env_steps += iteration_steps
+            rows = sum(g.num_steps for g in response.groups)
+            train_success = float(np.mean(wins))
             record = {
                 "estimator": spec.name,
                 "seed": seed,
                 "iteration": iteration,
                 "env_steps": env_steps,
-                "success_rate": float(np.mean(wins)),
+                "success_rate": (
+                    _greedy_success(policy, embedder, eval_games, config.max_steps)
+                    if eval_games else train_success
+                ),
+                "train_success_rate": train_success,
+                # Exact-anchor singletons (the rows GiGPO's step term gives 0), row-weighted.
+                "singleton_fraction": sum(
+                    g.singleton_fraction * g.num_steps for g in response.groups
+                ) / max(rows, 1),
                 "mean_episode_length": iteration_steps / len(trajectories),
                 "rows_advantaged": int(advantages.numel()),
                 "adv_abs_mean": float(advantages.abs().mean()),
                 "entropy": stats["entropy"],
                 "clip_fraction": stats["clip_fraction"],
+                "approx_kl": stats["approx_kl"],
+                "ppo_epochs": int(stats["epochs"]),
                 "rollout_s": round(rollout_s, 4),
                 "service_s": round(service_s, 4),
                 "iteration_s": round(time.perf_counter() - started, 4),
@@ -200,7 +253,44 @@ def train_run(
             records.append(record)
             if on_iteration is not None:
                 on_iteration(record)
+            if config.env_step_budget is not None and env_steps >= config.env_step_budget:
+                break
     finally:
-        for game in games:
+        for game in games + eval_games:
             game.close()
     return records
+
+
+def _discounted(rewards: list[float], gamma: float | None) -> list[float]:
+    """r_t -> gamma^t r_t, so the episode's summed return is its discounted return."""
+    if gamma is None:
+        return rewards
+    return [r * gamma**t for t, r in enumerate(rewards)]
+
+
+def _entropy_coef(config: TrainConfig, iteration: int, env_steps: int) -> float:
+    """entropy_coef annealed linearly to entropy_final over the run (its env-step budget, or
+    its iterations without one)."""
+    if config.entropy_final is None:
+        return config.entropy_coef
+    if config.env_step_budget is not None:
+        frac = min(1.0, env_steps / config.env_step_budget)
+    else:
+        frac = min(1.0, iteration / max(1, config.iterations - 1))
+    return config.entropy_coef + frac * (config.entropy_final - config.entropy_coef)
+
+
+def _greedy_success(
+    policy: PairScorer, embedder: TextEmbedder, games: Sequence[Game], max_steps: int
+) -> float:
+    """Success of the greedy policy (argmax command), one episode per game."""
+    wins = []
+    for game in games:
+        obs = game.reset()
+        for _ in range(max_steps):
+            index = int(_log_pi(policy, embedder, obs).argmax())
+            obs, _ = game.step(obs.commands[index])
+            if game.done:
+                break
+        wins.append(game.won)
+    return float(np.mean(wins))

@@ -7,7 +7,11 @@
  * Field names are the proto names (keepCase), exactly as the Python client spells them.
  *
  * Behaviour shared with the Python client (proxmo_client):
- *  - every unary call has a deadline (timeoutMs, default 30 s) covering its retries;
+ *  - every unary call has a deadline (timeoutMs, default 30 s) covering its retries; a
+ *    computeAdvantages left to the default, with 1,000 or more distinct states for the server's
+ *    encoder, gets the default plus twice the time they take at the encoder rate the server
+ *    measures (GetServerInfo encoder.states_per_second, read once a minute): see
+ *    encoderDeadlineMs;
  *  - UNAVAILABLE (server unreachable, warming up or draining) and CANCELLED from the server (a
  *    terminating replica cancels calls that reach it while grpc's own stop() runs) are retried,
  *    with backoff min(maxBackoffMs, backoffMs * 2^k) * U(0.5, 1]. Every unary RPC is safe to
@@ -17,12 +21,18 @@
  */
 const path = require('node:path');
 const crypto = require('node:crypto');
+const net = require('node:net');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 const DEFAULT_PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
 const PROTO_FILE = 'proxmo/v1/proxmo.proto';
 const DEFAULT_TIMEOUT_MS = 30000;
+// Sizing the deadline of a batch the server must encode (as proxmo_client.deadline).
+const ENCODE_HEADROOM = 2;
+const ENCODER_DEADLINE_MIN_STATES = 1000;
+const SERVER_INFO_MAX_AGE_MS = 60000;
+const SERVER_INFO_TIMEOUT_MS = 5000;
 const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
 // Config fields that are enums, and the prefix of their value names in the proto.
@@ -43,7 +53,8 @@ const ENUM_TYPE = {
   SIMILARITY_: 'Similarity',
   SCOPE_: 'Scope',
 };
-const BOOL_CONFIG = new Set(['psc_enabled']);
+const BOOL_CONFIG = new Set(['psc_enabled', 'hgpo_base_group', 'graph_normalize_distance']);
+const INTEGER_CONFIG = new Set(['hgpo_history_length']); // uint32 in the proto
 const TRAJECTORY_KEYS = ['trajectory_id', 'group_id', 'task_id', 'states', 'rewards', 'invalid',
   'success', 'state_keys', 'embeddings'];
 
@@ -134,6 +145,11 @@ function buildConfig(preset, overrides = {}, protoRoot = DEFAULT_PROTO_ROOT) {
       config[name] = full;
     } else if (BOOL_CONFIG.has(name)) {
       if (typeof value !== 'boolean') throw new BuildError(field, `expected a boolean, got ${JSON.stringify(value)}`);
+      config[name] = value;
+    } else if (INTEGER_CONFIG.has(name)) {
+      if (!Number.isInteger(value) || value < 0 || value > 0xffffffff) {
+        throw new BuildError(field, `expected a non-negative integer, got ${JSON.stringify(value)}`);
+      }
       config[name] = value;
     } else {
       if (!isFiniteNumber(value)) throw new BuildError(field, `expected a finite number, got ${JSON.stringify(value)}`);
@@ -238,9 +254,47 @@ const RETRIED = new Set([grpc.status.UNAVAILABLE, grpc.status.CANCELLED]);
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
+// Calls (not connections) spread over every address: HTTP/2 multiplexes all calls on one
+// connection, so pick_first (gRPC's default) would pin every call to one replica.
+const ROUND_ROBIN_SERVICE_CONFIG = JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] });
+
+/**
+ * The gRPC target and extra channel options: 'host:port' is one server; an array of 'ip:port'
+ * (several replicas) or a 'dns:///name:port' name (a Kubernetes headless Service) balances
+ * calls round-robin over every address. Same rules as the Python client's channel_target.
+ */
+function channelTarget(target) {
+  if (typeof target === 'string') {
+    if (target.startsWith('dns:')) {
+      return { target, options: { 'grpc.service_config': ROUND_ROBIN_SERVICE_CONFIG } };
+    }
+    return { target, options: {} };
+  }
+  if (!Array.isArray(target) || target.length === 0) {
+    throw new BuildError('target', 'must be host:port, dns:///name:port or a non-empty array of ip:port');
+  }
+  const families = new Set();
+  for (const address of target) {
+    const cut = String(address).lastIndexOf(':');
+    const host = String(address).slice(0, cut).replace(/^\[|\]$/g, '');
+    const family = net.isIP(host);
+    if (cut < 0 || family === 0 || !/^\d+$/.test(String(address).slice(cut + 1))) {
+      throw new BuildError('target', `several targets must be ip:port (use dns:///name:port for a name), got ${JSON.stringify(String(address).slice(0, 100))}`);
+    }
+    families.add(family);
+  }
+  if (families.size > 1) throw new BuildError('target', 'several targets must all be IPv4 or all IPv6');
+  const scheme = families.has(6) ? 'ipv6' : 'ipv4';
+  return {
+    target: `${scheme}:${target.join(',')}`,
+    options: { 'grpc.service_config': ROUND_ROBIN_SERVICE_CONFIG, 'grpc.default_authority': target[0] },
+  };
+}
+
 class ProxmoClient {
   /**
-   * @param {string} target host:port of the gRPC server (default localhost:50051)
+   * @param {string|string[]} target host:port of the gRPC server (default localhost:50051), an
+   *   array of ip:port or a dns:///name:port name (calls balanced round-robin, see channelTarget)
    * @param {object} options timeoutMs (default 30000), maxRetries (5), backoffMs (100),
    *   maxBackoffMs (5000), maxMessageBytes (64 MiB), credentials (insecure), protoRoot
    */
@@ -253,8 +307,9 @@ class ProxmoClient {
     this.closed = false;
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     const { proto } = loadProto(this.protoRoot);
+    const balanced = channelTarget(target);
     this.stub = new proto.CreditAssignmentService(
-      target,
+      balanced.target,
       options.credentials ?? grpc.credentials.createInsecure(),
       {
         'grpc.max_send_message_length': maxBytes,
@@ -262,6 +317,7 @@ class ProxmoClient {
         // Keepalive as the Python client: a ping every 30 s, 10 s to answer.
         'grpc.keepalive_time_ms': 30000,
         'grpc.keepalive_timeout_ms': 10000,
+        ...balanced.options,
       },
     );
   }
@@ -269,7 +325,25 @@ class ProxmoClient {
   /** Per-step advantages of one batch (see buildRequest for the trajectory shape). */
   computeAdvantages(trajectories, options = {}) {
     const request = buildRequest(trajectories, { ...options, protoRoot: this.protoRoot });
-    return this.unary('ComputeAdvantages', request, options.timeoutMs);
+    if (options.timeoutMs != null || distinctStates(request) < ENCODER_DEADLINE_MIN_STATES) {
+      return this.unary('ComputeAdvantages', request, options.timeoutMs);
+    }
+    return this.encoderInfo().then((info) => this.unary(
+      'ComputeAdvantages', request, encoderDeadlineMs(request, info, this.timeoutMs)));
+  }
+
+  /** GetServerInfo, at most once a minute (null when it failed: the call itself will say). */
+  async encoderInfo() {
+    if (this.infoAt === undefined || Date.now() - this.infoAt > SERVER_INFO_MAX_AGE_MS) {
+      try {
+        this.info = await this.serverInfo({ timeoutMs: SERVER_INFO_TIMEOUT_MS });
+      } catch (error) {
+        if (!(error instanceof ProxmoError)) throw error;
+        this.info = null;
+      }
+      this.infoAt = Date.now();
+    }
+    return this.info;
   }
 
   /**
@@ -323,13 +397,37 @@ class ProxmoClient {
   }
 }
 
+function distinctStates(request) {
+  return new Set(request.trajectories.flatMap((t) => t.steps.map((step) => step.state))).size;
+}
+
+/**
+ * The deadline (ms) of a request whose states the server's encoder may have to embed cold:
+ * defaultMs + ENCODE_HEADROOM * distinct states / the server's measured states per second, when
+ * the request uses ENCODER similarity (asked for, or through its preset); else defaultMs.
+ */
+function encoderDeadlineMs(request, info, defaultMs) {
+  const rate = info?.encoder?.states_per_second ?? 0;
+  if (!(rate > 0)) return defaultMs;
+  let similarity = request.config?.similarity;
+  if (!similarity || similarity === 'SIMILARITY_UNSPECIFIED') {
+    const name = request.config?.preset || info.default_preset;
+    const preset = (info.presets ?? []).find((p) => p.name === name);
+    similarity = preset ? preset.config.similarity : info.default_similarity;
+  }
+  if (similarity !== 'SIMILARITY_ENCODER') return defaultMs;
+  return defaultMs + (1000 * ENCODE_HEADROOM * distinctStates(request)) / rate;
+}
+
 module.exports = {
   BuildError,
+  channelTarget,
   ProxmoClient,
   ProxmoError,
   buildConfig,
   buildPrefetchRequest,
   buildRequest,
+  encoderDeadlineMs,
   loadProto,
   DEFAULT_PROTO_ROOT,
 };

@@ -34,6 +34,14 @@ test('enum config values by short or full name', () => {
   assert.equal(buildConfig('', { episode_normalization: 'mean-std' }).episode_normalization, 'NORMALIZATION_MEAN_STD');
 });
 
+test('HGPO and GraphGPO options: booleans, a non-negative integer K, numbers', () => {
+  const config = buildConfig('hgpo', { hgpo_history_length: 0, hgpo_alpha: 2, hgpo_base_group: true,
+    graph_normalize_distance: false, graph_success_value: 1, episode_weight: 0 });
+  assert.deepEqual(config, { preset: 'hgpo', hgpo_history_length: 0, hgpo_alpha: 2, hgpo_base_group: true,
+    graph_normalize_distance: false, graph_success_value: 1, episode_weight: 0 });
+  assert.equal(buildConfig('', { estimator: 'graphgpo' }).estimator, 'ESTIMATOR_GRAPHGPO');
+});
+
 const rejects = (fn, field) => assert.throws(fn, (e) => e instanceof BuildError && e.field === field);
 
 test('bad input names the field and index', () => {
@@ -51,4 +59,7 @@ test('bad input names the field and index', () => {
   rejects(() => buildConfig('', { similarity: 'cosine' }), 'config.similarity');
   rejects(() => buildConfig('', { tau: 'hot' }), 'config.tau');
   rejects(() => buildConfig('', { temperature: 1 }), 'config.temperature');
+  rejects(() => buildConfig('', { hgpo_history_length: 1.5 }), 'config.hgpo_history_length');
+  rejects(() => buildConfig('', { hgpo_history_length: -1 }), 'config.hgpo_history_length');
+  rejects(() => buildConfig('', { hgpo_base_group: 1 }), 'config.hgpo_base_group');
 });

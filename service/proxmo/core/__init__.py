@@ -24,9 +24,12 @@ from proxmo.core.episode import batch_success_counts, psc_weights
 from proxmo.core.estimators import (
     ESTIMATORS,
     AdvantageResult,
+    Components,
     EstimatorFn,
     GroupDiagnostics,
+    combine,
     compute_advantages,
+    compute_components,
 )
 from proxmo.core.history import (
     apply_update,
@@ -47,6 +50,7 @@ __all__ = [
     "PSC_ESTIMATORS",
     "SIGMOID_ONE_MINUS_HALF",
     "AdvantageResult",
+    "Components",
     "Estimator",
     "EstimatorConfig",
     "EstimatorFn",
@@ -64,7 +68,9 @@ __all__ = [
     "apply_update",
     "batch_success_counts",
     "beta_from_range",
+    "combine",
     "compute_advantages",
+    "compute_components",
     "decay",
     "dense_features",
     "discounted_returns",

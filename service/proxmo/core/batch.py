@@ -11,6 +11,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# |r_t| <= MAX_ABS_REWARD keeps every output finite (ALGORITHM.md section 5a). With gamma <= 1
+# a return is at most T * 1e15 in size (plus the penalty, <= 1e15); for T = 1000 steps that is
+# 1e18. The largest intermediate is a group's sum of squared deviations, n * (2 * T * 1e15)^2:
+# for n = 4096 trajectories of 1000 steps 1.6e40, and even for a billion rows of a billion steps
+# (far beyond any configurable limit) 4e57, against float64's 1.8e308. z-scores are at most
+# 2 * 1e18 / 1e-6, PSA's baseline is a convex combination of returns, PSC weights are within
+# [0, 2] and step_weight <= 1e6 (config.py), so the combined advantage stays far below the
+# overflow threshold too. 1e15 is also about where float64 stops resolving a unit reward.
+MAX_ABS_REWARD = 1e15
+# |x| <= MAX_ABS_EMBEDDING per value of a state_embedding: the squared norm of a 4096-value
+# vector stays below 4e33 (an unbounded 1e200 would overflow |x| to inf and silently zero it).
+MAX_ABS_EMBEDDING = 1e15
+
 
 class ValidationError(ValueError):
     """Bad input, naming the offending field: str(e) == f"{field}: {message}"."""
@@ -19,6 +32,23 @@ class ValidationError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+ECHO_CHARS = 64
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: user input is
+    echoed so that the user can find it, never whole (a 7,000-character value would overflow
+    the status metadata and fill the logs)."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` if at most ``limit`` characters, else its start and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -95,7 +125,8 @@ class StepBatch:
 
         Checks: at least one trajectory; non-empty, unique trajectory_id; non-empty group_id;
         one task_id per group; at least one step; per-step sequences as long as `states`;
-        finite rewards; embeddings finite and all of one size.
+        rewards finite and within +-MAX_ABS_REWARD; embeddings finite, within
+        +-MAX_ABS_EMBEDDING and all of one size.
         """
         if len(trajs) == 0:
             raise ValidationError("trajectories", "at least one trajectory is required")
@@ -125,7 +156,7 @@ class StepBatch:
             if tid in first_index:
                 raise ValidationError(
                     f"{where}.trajectory_id",
-                    f"duplicate {tid!r} (also trajectories[{first_index[tid]}])",
+                    f"duplicate {echo(tid)} (also trajectories[{first_index[tid]}])",
                 )
             first_index[tid] = i
             if not traj.group_id:
@@ -139,8 +170,8 @@ class StepBatch:
             elif group_task[g] != task:
                 raise ValidationError(
                     f"{where}.task_id",
-                    f"group {traj.group_id!r} has task_id {group_task[g]!r} "
-                    f"(trajectories[{group_first_traj[g]}]), got {task!r}",
+                    f"group {echo(traj.group_id)} has task_id {echo(group_task[g])} "
+                    f"(trajectories[{group_first_traj[g]}]), got {echo(task)}",
                 )
             traj_group.append(g)
             success.append(-1 if traj.success is None else int(bool(traj.success)))
@@ -156,12 +187,7 @@ class StepBatch:
                 _check_length(f"{where}.embeddings", traj.embeddings, n_steps)
 
             rewards = _as_float_array(traj.rewards, f"{where}.steps[0].reward")
-            bad = np.flatnonzero(~np.isfinite(rewards))
-            if bad.size:
-                t = int(bad[0])
-                raise ValidationError(
-                    f"{where}.steps[{t}].reward", f"must be finite, got {rewards[t]}"
-                )
+            _check_rewards(rewards, where)
             reward_parts.append(rewards)
             invalid_parts.append(np.asarray(traj.invalid, dtype=bool).reshape(n_steps))
             lengths.append(n_steps)
@@ -199,6 +225,14 @@ class StepBatch:
                 t = int(np.flatnonzero(~finite)[0])
                 raise ValidationError(
                     f"{where}.steps[{t}].state_embedding", "must be finite (found nan or inf)"
+                )
+            in_range = (np.abs(block) <= MAX_ABS_EMBEDDING).all(axis=1)
+            if not in_range.all():
+                t = int(np.flatnonzero(~in_range)[0])
+                raise ValidationError(
+                    f"{where}.steps[{t}].state_embedding",
+                    f"values must be within +-{MAX_ABS_EMBEDDING:g}, "
+                    f"got {float(np.abs(block[t]).max())}",
                 )
             embedding_parts.append(block)
             has_embedding_parts.append((i, present))
@@ -242,6 +276,16 @@ def _shift_keys(raw: np.ndarray, n_states: int) -> np.ndarray:
     """Exact-identity ids: a state id for rows without state_key, n_states + key id with one."""
     shifted: np.ndarray = np.where(raw >= 0, raw, n_states - 1 - raw)
     return shifted
+
+
+def _check_rewards(rewards: np.ndarray, where: str) -> None:
+    """Every reward finite and |r| <= MAX_ABS_REWARD, else ValidationError naming the step."""
+    bad = np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))  # NaN compares False
+    if bad.size:
+        t = int(bad[0])
+        reason = "must be finite" if not np.isfinite(rewards[t]) else (
+            f"must be within +-{MAX_ABS_REWARD:g}")
+        raise ValidationError(f"{where}.steps[{t}].reward", f"{reason}, got {rewards[t]}")
 
 
 def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:

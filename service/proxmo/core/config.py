@@ -14,7 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from proxmo.core.batch import ValidationError
+from proxmo.core.batch import MAX_ABS_REWARD, ValidationError, echo
 
 # sigmoid(1) - 1/2: the largest deviation |w - 1| of a PSC weight per unit of beta.
 SIGMOID_ONE_MINUS_HALF = 0.2310585786300049
@@ -36,6 +36,8 @@ class Estimator(str, Enum):
     GIGPO = "GIGPO"
     GRPO = "GRPO"
     RLOO = "RLOO"
+    HGPO = "HGPO"
+    GRAPHGPO = "GRAPHGPO"
 
 
 class Normalization(str, Enum):
@@ -103,6 +105,13 @@ class EstimatorConfig:
     scope: Scope
     history_half_life: float
     history_prior: float
+    # HGPO and GraphGPO (ALGORITHM.md section 4a); episode_weight scales every episode term.
+    hgpo_history_length: int
+    hgpo_alpha: float
+    hgpo_base_group: bool
+    graph_normalize_distance: bool
+    graph_success_value: float
+    episode_weight: float
     preset: str
 
     @property
@@ -157,6 +166,12 @@ BASE_VALUES: Mapping[str, Any] = MappingProxyType(
         "scope": Scope.GROUP,
         "history_half_life": 8.0,
         "history_prior": 0.0,
+        "hgpo_history_length": 2,
+        "hgpo_alpha": 1.0,
+        "hgpo_base_group": False,
+        "graph_normalize_distance": False,
+        "graph_success_value": 10.0,
+        "episode_weight": 1.0,
     }
 )
 
@@ -235,6 +250,39 @@ PRESETS: Mapping[str, PresetSpec] = MappingProxyType(
                 "similarity": Similarity.EXACT,
             },
         ),
+        "hgpo": PresetSpec(
+            "verl-agent HGPO: each step grouped with the steps of its group that share its last "
+            "k states, k = 1 .. K + 1 (K = 2), z-scored per key and averaged with weights "
+            "(k + 1)^alpha (alpha 1); no episode term.",
+            {
+                "estimator": Estimator.HGPO,
+                "gamma": 0.95,
+                "stats_unit": StatsUnit.STEP,
+                "episode_normalization": Normalization.MEAN_STD,
+                "step_normalization": Normalization.MEAN_STD,
+                "similarity": Similarity.EXACT,
+                "hgpo_history_length": 2,
+                "hgpo_alpha": 1.0,
+                "hgpo_base_group": False,
+            },
+        ),
+        "graphgpo": PresetSpec(
+            "verl-agent GraphGPO: step returns 10 * gamma^d from each step's next state's "
+            "distance d to success on the group's state graph (gamma 0.1), z-scored over exact "
+            "anchors, plus GiGPO's per-step episode z-score.",
+            {
+                "estimator": Estimator.GRAPHGPO,
+                "gamma": 0.1,
+                "stats_unit": StatsUnit.STEP,
+                "episode_normalization": Normalization.MEAN_STD,
+                "step_normalization": Normalization.MEAN_STD,
+                "similarity": Similarity.EXACT,
+                "step_weight": 1.0,
+                "episode_weight": 1.0,
+                "graph_normalize_distance": False,
+                "graph_success_value": 10.0,
+            },
+        ),
     }
 )
 
@@ -249,7 +297,8 @@ _ENUM_FIELDS: Mapping[str, type[Enum]] = MappingProxyType(
         "scope": Scope,
     }
 )
-_BOOL_FIELDS = frozenset({"psc_enabled"})
+_BOOL_FIELDS = frozenset({"psc_enabled", "hgpo_base_group", "graph_normalize_distance"})
+_INT_FIELDS = frozenset({"hgpo_history_length"})
 _CONFIG_FIELDS = frozenset(f.name for f in fields(EstimatorConfig)) - {"preset"}
 _OVERRIDE_FIELDS = _CONFIG_FIELDS | {"psc_range"}
 
@@ -264,39 +313,79 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str) and value in enum_type.__members__:
             return enum_type[value]
         allowed = ", ".join(enum_type.__members__)
-        raise ValidationError(where, f"unknown value {value!r}; expected one of {allowed}")
+        raise ValidationError(where, f"unknown value {echo(value)}; expected one of {allowed}")
     if name in _BOOL_FIELDS:
         if isinstance(value, bool):
             return value
-        raise ValidationError(where, f"must be a boolean, got {value!r}")
+        raise ValidationError(where, f"must be a boolean, got {echo(value)}")
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError(where, f"must be an integer, got {echo(value)}")
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValidationError(where, f"must be an integer, got {echo(value)}")
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(where, f"must be a number, got {value!r}")
+        raise ValidationError(where, f"must be a number, got {echo(value)}")
     number = float(value)
     if not math.isfinite(number):
         raise ValidationError(where, f"must be finite, got {number}")
     return number
 
 
+# Accepted ranges of the numeric fields (ALGORITHM.md section 5a; docs/core.md lists them).
+# Every value is also finite (checked by _coerce). With these ranges and batch.MAX_ABS_REWARD
+# every output is finite, whatever the batch (see batch.MAX_ABS_REWARD for the derivation):
+# - psc_range <= 1 (psc_beta <= 1 / 0.2310585786300049 = 4.3279...): the PSC weights stay in
+#   [1 - range, 1 + range] within [0, 2], so PSC reweighs an advantage and never flips its sign;
+# - step_weight in [0, 1e6]: omega * A^S stays below 1e6 * 2 max|G|, finite by many orders;
+# - invalid_action_penalty in [0, 1e15]: a penalty is on the reward scale (MAX_ABS_REWARD);
+# - history_prior in [0, 1e9]: beyond 1e9 pseudo-counts p is 1/2 to 1e-9 anyway, and N + 2a
+#   never overflows (an unbounded a = 1e308 would make 2a infinite and p = 0).
+# tau (> 0), psc_alpha (> 0), history_half_life (> 0) and success_threshold need no upper
+# bound: PSA's softmax is stable for every tau > 0, p^alpha stays in [0, 1] for every alpha > 0,
+# rho = 0.5^(1/h) stays in [0, 1] for every h > 0, and a threshold is only compared.
+MAX_PSC_RANGE = 1.0
+MAX_PSC_BETA = MAX_PSC_RANGE / SIGMOID_ONE_MINUS_HALF
+MAX_STEP_WEIGHT = 1e6
+MAX_INVALID_ACTION_PENALTY = 1e15
+MAX_HISTORY_PRIOR = 1e9
+# HGPO and GraphGPO (section 4a):
+# - hgpo_history_length K in [0, 64]: up to K + 1 levels of O(rows log rows) each (verl-agent
+#   runs K = 2 or 4; K = 64 on 200k identical rows, every key shared, takes seconds);
+# - hgpo_alpha in [-16, 16]: weights (k + 1)^alpha <= 66^16 ~ 1.3e29, far from overflow;
+# - graph_success_value in [0, MAX_ABS_REWARD]: the returns c * gamma^d are in [0, c];
+# - episode_weight in [0, 1e6], like step_weight.
+MAX_HGPO_HISTORY_LENGTH = 64
+MAX_ABS_HGPO_ALPHA = 16.0
+MAX_GRAPH_SUCCESS_VALUE = MAX_ABS_REWARD
+MAX_EPISODE_WEIGHT = MAX_STEP_WEIGHT
+
+
 def _check_ranges(cfg: EstimatorConfig) -> None:
-    """Range checks of a resolved configuration (each names its field)."""
-    if not 0.0 <= cfg.gamma <= 1.0:
-        raise ValidationError("config.gamma", f"must be in [0, 1], got {cfg.gamma}")
-    if cfg.tau <= 0.0:
-        raise ValidationError("config.tau", f"must be > 0, got {cfg.tau}")
-    if cfg.psc_alpha <= 0.0:
-        raise ValidationError("config.psc_alpha", f"must be > 0, got {cfg.psc_alpha}")
-    if cfg.psc_beta < 0.0:
-        raise ValidationError("config.psc_beta", f"must be >= 0, got {cfg.psc_beta}")
-    if cfg.invalid_action_penalty < 0.0:
-        raise ValidationError(
-            "config.invalid_action_penalty", f"must be >= 0, got {cfg.invalid_action_penalty}"
-        )
-    if cfg.history_half_life <= 0.0:
-        raise ValidationError(
-            "config.history_half_life", f"must be > 0, got {cfg.history_half_life}"
-        )
-    if cfg.history_prior < 0.0:
-        raise ValidationError("config.history_prior", f"must be >= 0, got {cfg.history_prior}")
+    """Range checks of a resolved configuration (each names its field; see the MAX_* above)."""
+    _check_within("gamma", cfg.gamma, 0.0, 1.0)
+    _check_positive("tau", cfg.tau)
+    _check_positive("psc_alpha", cfg.psc_alpha)
+    _check_within("psc_beta", cfg.psc_beta, 0.0, MAX_PSC_BETA)
+    _check_within("step_weight", cfg.step_weight, 0.0, MAX_STEP_WEIGHT)
+    _check_within("invalid_action_penalty", cfg.invalid_action_penalty, 0.0,
+                  MAX_INVALID_ACTION_PENALTY)
+    _check_positive("history_half_life", cfg.history_half_life)
+    _check_within("history_prior", cfg.history_prior, 0.0, MAX_HISTORY_PRIOR)
+    _check_within("hgpo_history_length", cfg.hgpo_history_length, 0, MAX_HGPO_HISTORY_LENGTH)
+    _check_within("hgpo_alpha", cfg.hgpo_alpha, -MAX_ABS_HGPO_ALPHA, MAX_ABS_HGPO_ALPHA)
+    _check_within("graph_success_value", cfg.graph_success_value, 0.0, MAX_GRAPH_SUCCESS_VALUE)
+    _check_within("episode_weight", cfg.episode_weight, 0.0, MAX_EPISODE_WEIGHT)
+
+
+def _check_within(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValidationError(f"config.{name}", f"must be in [{low:g}, {high:g}], got {value}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0.0:
+        raise ValidationError(f"config.{name}", f"must be > 0, got {value}")
 
 
 def resolve_config(
@@ -317,7 +406,8 @@ def resolve_config(
     spec = PRESETS.get(name)
     if spec is None:
         known = ", ".join(PRESETS)
-        raise ValidationError("config.preset", f"unknown preset {name!r}; expected one of {known}")
+        raise ValidationError("config.preset",
+                              f"unknown preset {echo(name)}; expected one of {known}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key in given:
         if key not in _OVERRIDE_FIELDS:
@@ -330,8 +420,7 @@ def resolve_config(
     values.update({key: _coerce(key, value) for key, value in given.items()})
     psc_range = values.pop("psc_range", None)
     if psc_range is not None:
-        if psc_range < 0.0:
-            raise ValidationError("config.psc_range", f"must be >= 0, got {psc_range}")
+        _check_within("psc_range", psc_range, 0.0, MAX_PSC_RANGE)
         values["psc_beta"] = beta_from_range(psc_range)
     if "tau" not in values:
         encoder = values["similarity"] is Similarity.ENCODER

@@ -144,9 +144,11 @@ def episode_term(
     """Apply PSC (when `apply_psc`) to the per-row base advantage: Ã^E = w * A^E.
 
     p per group from cfg.success_rate_source: BATCH, the fraction of successful trajectories;
-    ROW_MEAN, clip(mean of the group's row scores, 0, 1) with a row a success iff its score
-    > 0.5 (the released code); HISTORY, `group_success_rate` (BATCH when it is None). With
-    BATCH and HISTORY every row of trajectory i takes y_i. Weights from psc_weights().
+    ROW_MEAN, clip(mu_g, 0, 1) with mu_g the mean of the group's row scores, 0 for a group of
+    a single row (segment_mean_std's convention, as the released code), and a row a success
+    iff its score > 0.5 (the released code); HISTORY, `group_success_rate` (BATCH when it is
+    None). With BATCH and HISTORY every row of trajectory i takes y_i. Weights from
+    psc_weights().
     """
     successes, trials = batch_success_counts(batch, cfg)
     batch_p = successes / trials
@@ -160,8 +162,8 @@ def episode_term(
     row_group = batch.row_group
     if source is SuccessRateSource.ROW_MEAN:
         scores = row_scores(batch, cfg)
-        counts = np.bincount(row_group, minlength=n_groups)
-        p = np.clip(np.bincount(row_group, weights=scores, minlength=n_groups) / counts, 0, 1)
+        mu = segment_mean_std(scores, row_group, n_groups)[0]  # 0 for a single-row group
+        p = np.clip(mu, 0.0, 1.0)
         row_success = scores > 0.5
     else:
         if source is SuccessRateSource.HISTORY and group_success_rate is not None:

@@ -41,12 +41,13 @@ def apply_update(
     """One update of a task's history with rho = decay(half_life); returns (S', N', p).
 
     S' = rho * S + S_b, N' = rho * N + N_b, p = (S' + a) / (N' + a + b) with a = b = prior.
-    With no history (`previous` None) S' = S_b, N' = N_b and p is the batch estimate S_b / N_b
-    (the prior only shrinks estimates that have a history behind them). The Redis store's Lua
-    script performs the same float operations in the same order.
+    A task with no history (`previous` None) has S = N = 0: S' = S_b, N' = N_b and its first
+    p = (S_b + a) / (N_b + a + b), the batch estimate S_b / N_b when the prior is 0 and shrunk
+    toward 1/2 by a prior > 0. The Redis store's Lua script performs the same float operations
+    in the same order.
     """
     if previous is None:
-        return float(successes), float(trials), float(successes) / float(trials)
+        previous = (0.0, 0.0)  # rho * 0 + S_b is exactly S_b: no special case for the math
     s_new = rho * previous[0] + successes
     n_new = rho * previous[1] + trials
     return s_new, n_new, (s_new + prior) / (n_new + 2.0 * prior)

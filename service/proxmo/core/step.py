@@ -1,16 +1,20 @@
 """Step level: proximity-based soft aggregation (PSA) and exact anchors (ALGORITHM.md section 3).
 
-Cost stays per group: the only matrices built are one group's distinct states against
-themselves (m_g x m_g, m_g <= n_g), never the batch x batch similarity matrix.
+Cost stays per group: the only similarities computed are one group's distinct states against
+themselves (m_g x m_g, m_g <= n_g), never the batch x batch similarity matrix, and they are
+held a block of rows at a time (at most KERNEL_BLOCK_ENTRIES entries), so memory stays
+O(m_g d) per group however large m_g is.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import ThreadpoolController
 
 from proxmo.core.batch import StepBatch, ValidationError
 from proxmo.core.config import Normalization, Scope
@@ -73,6 +77,76 @@ def _units(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return unique, inverse, np.bincount(inverse, minlength=unique.shape[0])
 
 
+# Similarity entries one kernel block holds at once (float64: 8 MiB). A group of up to 1,024
+# distinct states is one block; a larger one is cut into blocks of rows, so PSA's memory stays
+# O(m d) per group (its feature rows plus one block), never m x m.
+KERNEL_BLOCK_ENTRIES = 1 << 20
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _canonical_csr(matrix: FeatureMatrix) -> sp.csr_matrix:
+    """`matrix` as a CSR matrix without duplicate entries (shared, not copied, when it is one)."""
+    csr = sp.csr_matrix(matrix)
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return csr
+
+
+# A sparse-times-dense product costs about this many times a BLAS multiply-add per stored
+# entry (measured on TF-IDF rows, AMD EPYC): a group's sparse rows go that way only when they
+# hold fewer than 1/16 of their columns (long, varied texts), else densely through BLAS.
+SPARSE_ENTRY_COST = 16
+
+
+class _GroupGram:
+    """One group's similarities S = V V^T, a block of rows at a time (`rows(a, b)` is
+    S[a:b], dense), V being the group's feature rows.
+
+    Dense features multiply through BLAS. Sparse (canonical CSR) features keep only the
+    columns the group uses (its vocabulary; TF-IDF has at most 1,024 terms), then either go
+    dense too (BLAS: a few hundred short texts) or, when rows are sparse enough, multiply as
+    CSR rows times the dense V^T (work proportional to the stored entries, not the columns).
+    """
+
+    def __init__(self, matrix: np.ndarray | sp.csr_matrix, feature_rows: np.ndarray) -> None:
+        self.left: np.ndarray | sp.csr_matrix
+        self.right: np.ndarray
+        if isinstance(matrix, np.ndarray):
+            self.left = np.asarray(matrix[feature_rows], dtype=np.float64)
+            self.right = self.left.T
+            return
+        m = feature_rows.shape[0]
+        starts = matrix.indptr[feature_rows]
+        lengths = matrix.indptr[feature_rows + 1] - starts
+        # where the chosen rows' entries sit in indices/data, row after row
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+        offsets += np.arange(offsets.shape[0])
+        columns = matrix.indices[offsets]
+        used = np.zeros(matrix.shape[1], dtype=bool)
+        used[columns] = True
+        rank = np.cumsum(used) - 1  # column -> its rank among the used ones
+        n_columns, local = int(rank[-1]) + 1, rank[columns]
+        row_of_entry = np.repeat(np.arange(m), lengths)
+        values = matrix.data[offsets]
+        if SPARSE_ENTRY_COST * offsets.shape[0] < n_columns * m:
+            indptr = np.concatenate(([0], np.cumsum(lengths)))
+            self.left = sp.csr_matrix((values, local, indptr), shape=(m, n_columns))
+            self.right = np.zeros((n_columns, m))
+            self.right[local, row_of_entry] = values
+        else:
+            self.left = np.zeros((m, n_columns))
+            self.left[row_of_entry, local] = values
+            self.right = self.left.T  # V[a:b] @ V.T: BLAS's syrk when a:b is every row
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.left[start:stop] @ self.right)
+
+
 def _kernel_sums(
     matrix: FeatureMatrix,
     unit_feature: np.ndarray,
@@ -84,22 +158,33 @@ def _kernel_sums(
     """Per unit u, over the units v of its block (units sorted by block), with
     E_uv = exp((S_uv - max_v S_uv) / tau): (E @ Gsum, E @ c, E^2 @ c).
 
-    One m_b x m_b gram per block. Sparse blocks multiply with scipy's single-threaded csr
-    product: tiny BLAS gemms thread badly on a busy machine and TF-IDF rows are very sparse.
+    Subtracting the row maximum keeps every entry in [0, 1] with the maximum exactly 1, so the
+    sums are finite for every tau > 0: a tiny tau sends (S_uv - max) / tau to -inf (an IEEE
+    overflow, on purpose) and E to 0 except at the row's maximum; a huge tau sends E to 1.
+    Rows are taken KERNEL_BLOCK_ENTRIES // m_b at a time, so memory is O(m_b d), not O(m_b^2).
     """
-    vectors = matrix[unit_feature]
-    sparse = sp.issparse(vectors)
+    features = _canonical_csr(matrix) if sp.issparse(matrix) else np.asarray(matrix)
     n_units = unit_feature.shape[0]
-    weighted, weight, square = np.empty(n_units), np.empty(n_units), np.empty(n_units)
+    sums = np.empty((n_units, 2))  # columns: E @ Gsum, E @ c
+    square = np.empty(n_units)
     bounds = np.flatnonzero(np.diff(unit_block, prepend=-1, append=-1)).tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        block = vectors[lo:hi]
-        sims = np.asarray((block @ block.T).toarray() if sparse else block @ block.T)
-        kernel = np.exp((sims - sims.max(axis=1, keepdims=True)) / tau)
-        weighted[lo:hi] = kernel @ gsum[lo:hi]
-        weight[lo:hi] = kernel @ count[lo:hi]
-        square[lo:hi] = (kernel * kernel) @ count[lo:hi]
-    return weighted, weight, square
+    # One BLAS thread: a compute worker is one core's worth of work, and threading one
+    # group's products only adds synchronization (several times slower on a busy machine).
+    with np.errstate(over="ignore", under="ignore"), _blas().limit(limits=1, user_api="blas"):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            gram = _GroupGram(features, unit_feature[lo:hi])
+            targets = np.column_stack((gsum[lo:hi], count[lo:hi]))
+            step = max(1, KERNEL_BLOCK_ENTRIES // (hi - lo))
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
+                kernel = gram.rows(start - lo, stop - lo)
+                kernel -= kernel.max(axis=1, keepdims=True)
+                kernel /= tau
+                np.exp(kernel, out=kernel)
+                sums[start:stop] = kernel @ targets
+                np.square(kernel, out=kernel)
+                square[start:stop] = kernel @ targets[:, 1]
+    return sums[:, 0], sums[:, 1], square
 
 
 def soft_aggregation(
@@ -121,7 +206,8 @@ def soft_aggregation(
             = (E @ c)_u^2 / (E^2 @ c)_u.
 
     Returns (A^S, effective neighbours), both float64[n_rows]. Cost O(sum_b m_b^2 d), memory
-    O(max_b m_b^2): never the batch x batch matrix.
+    O(max_b m_b d + KERNEL_BLOCK_ENTRIES): never the batch x batch matrix, nor m_b x m_b for a
+    block of more than 1,024 units.
     """
     n_feature_rows = int(features.matrix.shape[0])
     index = features.row_index
@@ -182,3 +268,12 @@ def singleton_fraction(batch: StepBatch) -> np.ndarray:
     group = batch.row_group
     rows = np.bincount(group, minlength=batch.n_groups)
     return np.bincount(group, weights=single, minlength=batch.n_groups) / rows
+
+
+def group_distinct_states(batch: StepBatch, row_state: np.ndarray) -> np.ndarray:
+    """Distinct states per group, int64[n_groups]: PSA's work in a group grows with their
+    square (its kernel is m_g x m_g). `row_state` maps each row to its state: batch.row_state
+    (distinct texts: TFIDF, ENCODER) or StateFeatures.row_index (PRECOMPUTED vectors)."""
+    n_states = int(row_state.max()) + 1
+    keys = np.unique(batch.row_group * n_states + row_state)
+    return np.bincount(keys // n_states, minlength=batch.n_groups)

@@ -12,16 +12,22 @@
    issue's choice) halves Redis memory; results stay exact wherever the LRU or a fresh encode
    serves them. Redis errors never fail a call: logged, counted, encoded locally, Redis skipped
    for a few seconds;
-4. the misses go to a batcher: callers arriving within ``max_wait_s`` of each other (or while
-   the worker is busy) are encoded together, up to about ``max_batch_tokens``, by ONE worker
-   thread that runs the backend (length-sorted micro-batches, see base.py).
+4. the misses go to a batcher, shortest first, in pieces of about ``max_batch_tokens``:
+   callers arriving within ``max_wait_s`` of each other (or while the worker is busy) are
+   encoded together by ONE worker thread that runs the backend (length-sorted micro-batches,
+   see base.py). Each piece's vectors enter the caches as soon as it is encoded, and texts on
+   their way are "in flight": another caller needing one awaits it instead of encoding it
+   again. Nothing encoded is thrown away: when a caller leaves (cancelled, or its deadline is
+   near: DeadlineExceeded, saying how far it got), the running piece is still stored and the
+   pieces not started go to the background queue below, so a retry encodes only what is left.
 
 Everything returned is renormalized in float64: x / |x|_2.
 
 ``Embedder.prefetch(texts)`` queues texts for embedding in the background (the PrefetchStates
 RPC): a loop feeds them to the batcher in small chunks of similar length (shortest first) that
 run only while no caller is waiting,
-so a caller waits at most one chunk for background work. A caller that needs a text still in the
+so a caller waits at most one chunk for background work. The queue is bounded in texts
+(``lru_size``) and bytes (``prefetch_queue_bytes``). A caller that needs a text still in the
 queue takes it out and encodes it at once; one that needs a text of the running chunk awaits it.
 Nothing is encoded twice, and results are the same as for a call that found an empty cache.
 """
@@ -29,10 +35,12 @@ Nothing is encoded twice, and results are the same as for a call that found an e
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import heapq
 import itertools
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -43,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from proxmo.errors import DeadlineExceeded
 
 from .base import PROBE_TEXTS, BackendUnavailable, EncoderBackend
 from .chain import select_backend
@@ -57,6 +67,14 @@ MAX_WAIT_S = 0.002  # how long a lone caller waits for company
 # Background (prefetch) chunks: small, so that a caller arriving meanwhile waits little
 # (~0.4 s of MiniLM on 2 CPU cores; milliseconds on a GPU).
 PREFETCH_CHUNK_TOKENS = 2048
+# What one queued text is charged beyond the string itself (its dict, heap and future entries),
+# for the prefetch queue's byte cap.
+QUEUE_ENTRY_OVERHEAD_BYTES = 400
+# A caller whose deadline is known is answered this long before it (at most 10 % of its time),
+# so that the server's explanation reaches the client before the client gives up by itself.
+DEADLINE_MARGIN_S = 0.5
+RATE_MIN_TEXTS = 8  # runs smaller than this do not update the measured throughput
+RATE_SMOOTHING = 0.2  # weight of the newest run in the throughput's moving average
 
 
 class EncoderMetrics:
@@ -101,12 +119,19 @@ class EncoderMetrics:
         self.prefetch_texts = Counter(
             "proxmo_encoder_prefetch_texts",
             "Distinct texts of PrefetchStates calls, by outcome (cached: nothing to do; queued; "
-            "dropped: the queue was full).",
+            "dropped: the queue was full; handed_over: left unfinished by a caller that "
+            "went away, queued).",
             ["outcome"], registry=registry,
         )
         self.prefetch_queue = Gauge(
             "proxmo_encoder_prefetch_queue",
             "Texts waiting for background embedding (the running chunk included).",
+            registry=registry,
+        )
+        self.prefetch_queue_bytes = Gauge(
+            "proxmo_encoder_prefetch_queue_bytes",
+            "Bytes charged to the texts waiting for background embedding (capped by "
+            "prefetch_queue_bytes).",
             registry=registry,
         )
         self.prefetch_errors = Counter(
@@ -166,6 +191,9 @@ class _LRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._items
 
 
 class SharedEmbeddingCache:
@@ -243,7 +271,7 @@ class SharedEmbeddingCache:
             log.debug("closing the shared cache client: %s", e)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     texts: list[str]
     future: asyncio.Future[np.ndarray]
@@ -277,20 +305,42 @@ class _Batcher:
         self._pending: list[_Job] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        # Measured throughput, distinct texts a second: a moving average over the worker's
+        # runs (0.0 until one ran). Published in GetServerInfo so clients can size deadlines.
+        self.texts_per_second = 0.0
 
-    async def encode(self, texts: list[str], *, background: bool = False) -> np.ndarray:
-        """float32 [len(texts), d] from the backend. ``background`` work runs only while no
-        other caller waits."""
+    def submit(self, texts: list[str], *, background: bool = False) -> _Job:
+        """Queue texts for the worker; the job's future gets float32 [len(texts), d].
+        ``background`` work runs only while no other caller waits."""
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run(), name="proxmo-encoder-batcher")
         assert self._wakeup is not None
-        future: asyncio.Future[np.ndarray] = loop.create_future()
         est = sum(estimated_tokens(t) for t in texts)
-        self._pending.append(_Job(texts, future, est, background))
+        job = _Job(texts, loop.create_future(), est, background)
+        self._pending.append(job)
         self._wakeup.set()
-        return await future
+        return job
+
+    async def encode(self, texts: list[str], *, background: bool = False) -> np.ndarray:
+        return await self.submit(texts, background=background).future
+
+    def withdraw(self, job: _Job) -> bool:
+        """Take a job back before the worker starts it: True; False once it runs (or ran)."""
+        for k, pending in enumerate(self._pending):
+            if pending is job:
+                del self._pending[k]
+                return True
+        return False
+
+    def _observe_rate(self, texts: int, seconds: float) -> None:
+        if texts < RATE_MIN_TEXTS or seconds <= 0.0:
+            return  # a handful of texts says more about overheads than about throughput
+        rate = texts / seconds
+        previous = self.texts_per_second
+        self.texts_per_second = rate if previous == 0.0 else (
+            (1.0 - RATE_SMOOTHING) * previous + RATE_SMOOTHING * rate)
 
     def _take_jobs(self) -> list[_Job]:
         """Callers' jobs first, in arrival order, up to the token budget; a background job
@@ -323,7 +373,9 @@ class _Batcher:
                 continue
             try:
                 unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
+                started = time.perf_counter()
                 vectors = await loop.run_in_executor(self._executor, self._encode, unique)
+                self._observe_rate(len(unique), time.perf_counter() - started)
                 row = {text: i for i, text in enumerate(unique)}
                 for job in jobs:
                     if not job.future.done():
@@ -385,6 +437,41 @@ class _Queued:
 
     text: str
     done: asyncio.Future[bool]
+    size: int  # what it is charged against the queue's byte cap
+
+
+@dataclass(eq=False)
+class _Piece:
+    """Texts sent to the worker as one job. Each text's ``done`` future is its in-flight entry:
+    True once its vector is in the LRU, False if the job failed."""
+
+    texts: list[str]
+    hashed: list[str]
+    done: list[asyncio.Future[bool]]
+    job: _Job
+    vectors: list[np.ndarray] | None = None  # float32 rows, once the worker is through
+    write: asyncio.Task[None] | None = None  # the shared-cache write of those rows
+
+
+def token_pieces(texts: Sequence[str], budget: int) -> list[list[int]]:
+    """Indices of ``texts``, shortest first, cut into runs of about ``budget`` estimated
+    tokens (at least one text each): similar lengths pad little, and each run is stored as
+    soon as it is encoded."""
+    pieces: list[list[int]] = []
+    tokens = 0
+    for i in sorted(range(len(texts)), key=lambda k: len(texts[k])):
+        cost = estimated_tokens(texts[i])
+        if not pieces or (pieces[-1] and tokens + cost > budget):
+            pieces.append([])
+            tokens = 0
+        pieces[-1].append(i)
+        tokens += cost
+    return pieces
+
+
+def queue_charge(text: str) -> int:
+    """Bytes a queued text is charged: the string object plus the queue's bookkeeping."""
+    return sys.getsizeof(text) + QUEUE_ENTRY_OVERHEAD_BYTES
 
 
 @dataclass
@@ -426,16 +513,23 @@ class Embedder:
             backend, max_batch_tokens=settings.max_batch_tokens,
             threads=choose_cpu_threads(settings.threads), metrics=self.metrics,
         )
-        # Background embedding (prefetch), keyed by text hash: waiting, and the running chunk.
-        # At most lru_size texts wait: more would evict each other before any batch used them.
+        # Texts on their way into the LRU (a caller's pieces, the running background chunk),
+        # keyed by text hash: whoever needs one of them awaits it instead of encoding it again.
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
+        self._writes: set[asyncio.Task[None]] = set()  # shared-cache writes under way
+        # Background embedding (prefetch and what callers left unfinished), keyed by text hash.
+        # At most lru_size texts wait (more would evict each other before any batch used them)
+        # and at most prefetch_queue_bytes of them (texts may be long).
         # Chunks are taken shortest first (a heap of (length, seq, hash); entries a caller has
         # taken out are skipped when popped), so each chunk holds texts of similar length:
         # taking them in arrival order pads short texts to long ones, measured 2x slower.
         self._queue: dict[str, _Queued] = {}
+        self._queue_bytes = 0
         self._by_length: list[tuple[int, int, str]] = []
         self._sequence = itertools.count()
-        self._running: dict[str, _Queued] = {}
-        self.metrics.prefetch_queue.set_function(lambda: len(self._queue) + len(self._running))
+        self._running_chunk = 0
+        self.metrics.prefetch_queue.set_function(lambda: len(self._queue) + self._running_chunk)
+        self.metrics.prefetch_queue_bytes.set_function(lambda: self._queue_bytes)
         self._queue_capacity = settings.lru_size
         self._queue_ready: asyncio.Event | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
@@ -462,19 +556,40 @@ class Embedder:
             "dimension": b.dimension,
             "fallback_reasons": list(self._info.fallback_reasons),
             "ready": self._info.ready,
+            "texts_per_second": self._batcher.texts_per_second,
         }
+
+    def cached(self, text: str) -> bool:
+        """Whether the in-process cache holds ``text``'s vector."""
+        return (self.backend.model_sha256, text_hash(text)) in self._lru
+
+    @property
+    def texts_per_second(self) -> float:
+        """Measured encoder throughput (distinct texts a second; 0.0 until measured)."""
+        return self._batcher.texts_per_second
 
     async def warmup(self) -> None:
         """One end-to-end pass through the batcher and worker thread (the backend itself was
-        warmed over every shape bucket when the chain accepted it); then ready."""
+        warmed over every shape bucket when the chain accepted it), a second one to measure a
+        first throughput (on the probe texts but the two longest, which would pad the rest to
+        256 tokens; real work replaces it); then ready."""
         await self._batcher.encode(list(PROBE_TEXTS))
+        self._batcher.texts_per_second = 0.0  # the first pass paid one-time costs
+        await self._batcher.encode(sorted(PROBE_TEXTS, key=len)[:-2])
         self._info.ready = True
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """float64 [len(texts), d], rows L2-normalized, in the order of ``texts``."""
         return (await self.embed_detailed(texts)).vectors
 
-    async def embed_detailed(self, texts: Sequence[str]) -> EmbedResult:
+    async def embed_detailed(
+        self, texts: Sequence[str], *, deadline: float | None = None
+    ) -> EmbedResult:
+        """As ``embed``, with where the vectors came from. ``deadline`` (time.monotonic()):
+        when the encoding cannot finish before it, DeadlineExceeded is raised shortly before
+        it, saying how far the encoding got and what would fix it. Nothing encoded is ever
+        lost: each piece enters the caches as soon as it is encoded, and what a caller that
+        left (deadline, cancellation) had not started is finished in the background."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}]: expected a string, got {type(text).__name__}")
@@ -498,34 +613,7 @@ class Embedder:
 
         encoded = 0
         if missing:
-            # Texts queued for background embedding are taken out and encoded now; texts of
-            # the running background chunk are awaited (it ends within one chunk's time).
-            promoted = [self._queue.pop(hashed[i]) for i in missing if hashed[i] in self._queue]
-            in_chunk = [(i, self._running[hashed[i]].done) for i in missing
-                        if hashed[i] in self._running]
-            fresh = [i for i in missing if hashed[i] not in self._running]
-            encoded_ok = False
-            try:
-                if fresh:
-                    vectors = await self._encode_and_store(
-                        [distinct[i] for i in fresh], [hashed[i] for i in fresh])
-                    for i, vector in zip(fresh, vectors, strict=True):
-                        found[i] = vector
-                    encoded += len(fresh)
-                encoded_ok = True
-            finally:
-                for entry in promoted:  # a prefetch(wait=True) caller may be waiting on them
-                    entry.done.set_result(encoded_ok)
-            for i, done in in_chunk:
-                if await asyncio.shield(done):
-                    found[i] = self._lru.get((sha, hashed[i]))
-            late = [i for i, _ in in_chunk if found[i] is None]  # the chunk failed (or evicted)
-            if late:
-                vectors = await self._encode_and_store(
-                    [distinct[i] for i in late], [hashed[i] for i in late])
-                for i, vector in zip(late, vectors, strict=True):
-                    found[i] = vector
-                encoded += len(late)
+            encoded = await self._encode_missing(distinct, hashed, missing, found, deadline)
 
         if lru_hits:
             self.metrics.cache_hits.labels(cache="lru").inc(lru_hits)
@@ -544,20 +632,160 @@ class Embedder:
             redis_hits=redis_hits, encoded=encoded,
         )
 
-    async def _encode_and_store(
-        self, texts: list[str], hashed: list[str], *, background: bool = False
-    ) -> list[np.ndarray]:
-        """Encode on the worker, then fill the LRU and the shared cache; float32 rows."""
-        vectors = await self._batcher.encode(texts, background=background)
+    async def _encode_missing(
+        self, distinct: list[str], hashed: list[str], missing: list[int],
+        found: list[np.ndarray | None], deadline: float | None,
+    ) -> int:
+        """Fill ``found[i]`` for each i in ``missing``; returns how many texts this call sent
+        to the encoder. Texts in flight (another caller's piece, the running background chunk)
+        are awaited; texts in the background queue are taken out and encoded now, with the
+        rest, in pieces of about ``max_batch_tokens``."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        awaited: dict[int, asyncio.Future[bool]] = {}
+        fresh: list[int] = []
+        done: list[asyncio.Future[bool]] = []
+        for i in missing:
+            running = self._inflight.get(hashed[i])
+            if running is not None:
+                awaited[i] = running
+                continue
+            entry = self._unqueue(hashed[i])
+            fresh.append(i)
+            done.append(entry.done if entry is not None else loop.create_future())
+        runs = token_pieces([distinct[i] for i in fresh], self.settings.max_batch_tokens)
+        pieces = [
+            self._submit([distinct[fresh[k]] for k in run], [hashed[fresh[k]] for k in run],
+                         [done[k] for k in run], background=False)
+            for run in runs
+        ]
+        waits: set[asyncio.Future[Any]] = {p.job.future for p in pieces}
+        waits.update(awaited.values())
+        try:
+            if waits:
+                # asyncio.wait never cancels what it waits for: a caller that leaves leaves
+                # the pieces to run (or to be handed to the background, below).
+                _, unfinished = await asyncio.wait(waits, timeout=_time_left(deadline))
+                if unfinished:
+                    raise DeadlineExceeded(self._deadline_message(
+                        missing, pieces, awaited, time.monotonic() - started,
+                        self._abandon(pieces)))
+        except asyncio.CancelledError:
+            self._abandon(pieces)
+            raise
+        for run, piece in zip(runs, pieces, strict=True):
+            piece.job.future.result()  # the backend's error, if it failed, goes to the caller
+            assert piece.vectors is not None
+            for k, vector in zip(run, piece.vectors, strict=True):
+                found[fresh[k]] = vector
         sha = self.backend.model_sha256
-        rows = [vector.copy() for vector in vectors]  # an LRU entry must not pin the batch
-        for h, vector in zip(hashed, rows, strict=True):
-            self._lru.put((sha, h), vector)
-        if self._shared is not None:
-            await self._shared.set_many(hashed, vectors)
-        return rows
+        late = []  # texts of a failed (or since evicted) piece of another caller
+        for i, future in awaited.items():
+            found[i] = self._lru.get((sha, hashed[i])) if future.result() else None
+            if found[i] is None:
+                late.append(i)
+        encoded = len(fresh)
+        if late:
+            encoded += await self._encode_missing(distinct, hashed, late, found, deadline)
+        writes = [p.write for p in pieces if p.write is not None]
+        if writes:  # a fresh replica should find this batch in the shared cache at once
+            await asyncio.gather(*(asyncio.shield(w) for w in writes))
+        return encoded
+
+    def _submit(self, texts: list[str], hashed: list[str], done: list[asyncio.Future[bool]],
+                *, background: bool) -> _Piece:
+        for h, future in zip(hashed, done, strict=True):
+            self._inflight[h] = future
+        piece = _Piece(texts, hashed, done, self._batcher.submit(texts, background=background))
+        piece.job.future.add_done_callback(functools.partial(self._piece_done, piece))
+        return piece
+
+    def _piece_done(self, piece: _Piece, future: asyncio.Future[np.ndarray]) -> None:
+        """On the loop, as soon as the worker is through a piece: its vectors into the LRU, a
+        shared-cache write started, every waiter told, whether or not its caller is still
+        there."""
+        ok = not future.cancelled() and future.exception() is None
+        if ok:
+            vectors = future.result()
+            sha = self.backend.model_sha256
+            piece.vectors = [vector.copy() for vector in vectors]  # must not pin the batch
+            for h, vector in zip(piece.hashed, piece.vectors, strict=True):
+                self._lru.put((sha, h), vector)
+            if self._shared is not None:
+                piece.write = asyncio.get_running_loop().create_task(
+                    self._shared.set_many(piece.hashed, vectors))
+                self._writes.add(piece.write)
+                piece.write.add_done_callback(self._writes.discard)
+        for h, done in zip(piece.hashed, piece.done, strict=True):
+            if self._inflight.get(h) is done:
+                del self._inflight[h]
+            if not done.done():
+                done.set_result(ok)
+
+    def _abandon(self, pieces: list[_Piece]) -> tuple[int, int]:
+        """The caller is gone (or out of time): pieces the worker has not started go to the
+        background queue, the running piece finishes and is stored. Returns (texts queued,
+        texts dropped because the queue was full)."""
+        queued = dropped = 0
+        for piece in pieces:
+            if not self._batcher.withdraw(piece.job):
+                continue  # running or done: _piece_done stores it
+            for text, h, done in zip(piece.texts, piece.hashed, piece.done, strict=True):
+                if self._inflight.get(h) is done:
+                    del self._inflight[h]
+                if self._enqueue(h, text, done):
+                    queued += 1
+                else:
+                    done.set_result(False)
+                    dropped += 1
+        if queued or dropped:
+            self.metrics.prefetch_texts.labels(outcome="handed_over").inc(queued)
+            self.metrics.prefetch_texts.labels(outcome="dropped").inc(dropped)
+            log.info("a caller left with %d texts not encoded: %d queued for background "
+                     "embedding, %d dropped (queue full)", queued + dropped, queued, dropped)
+        return queued, dropped
+
+    def _deadline_message(
+        self, missing: list[int], pieces: list[_Piece],
+        awaited: dict[int, asyncio.Future[bool]], elapsed: float, abandoned: tuple[int, int],
+    ) -> str:
+        left = sum(len(p.texts) for p in pieces if not p.job.future.done())
+        left += sum(not f.done() for f in awaited.values())
+        rate = self._batcher.texts_per_second
+        need = f", about {left / rate:.0f} s more at the measured {rate:.0f} states/s" \
+            if rate > 0 else ""
+        queued, dropped = abandoned
+        kept = (f"; the {len(missing) - left} encoded are cached and the other "
+                f"{left - dropped} continue in the background ({left - queued - dropped} on the "
+                f"encoder now, {queued} queued), so a retry of this request continues from there")
+        if dropped:
+            kept += f" ({dropped} did not fit in the background queue)"
+        return (
+            f"deadline exceeded while encoding the batch's states: {len(missing) - left} of "
+            f"{len(missing)} new distinct states encoded in {elapsed:.1f} s, {left} left"
+            f"{need}{kept}. For batches this size, send PrefetchStates as rollouts finish, "
+            "give a longer deadline, or use TFIDF similarity"
+        )
 
     # --- background embedding (PrefetchStates) -------------------------------------------
+
+    def _enqueue(self, h: str, text: str, done: asyncio.Future[bool]) -> bool:
+        """Queue one text for background embedding; False when the queue is full."""
+        size = queue_charge(text)
+        if (len(self._queue) >= self._queue_capacity
+                or self._queue_bytes + size > self.settings.prefetch_queue_bytes):
+            return False
+        self._queue[h] = _Queued(text, done, size)
+        self._queue_bytes += size
+        heapq.heappush(self._by_length, (len(text), next(self._sequence), h))
+        self._start_prefetch_loop()
+        return True
+
+    def _unqueue(self, h: str) -> _Queued | None:
+        entry = self._queue.pop(h, None)
+        if entry is not None:
+            self._queue_bytes -= entry.size
+        return entry
 
     async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> PrefetchResult:
         """Queue the texts not yet embedded for background embedding. Returns at once, or with
@@ -572,24 +800,22 @@ class Embedder:
         waiting: list[asyncio.Future[bool]] = []
         for text in distinct:
             h = text_hash(text)
-            entry = self._queue.get(h) or self._running.get(h)
-            if entry is not None:
-                waiting.append(entry.done)
+            entry = self._queue.get(h)
+            pending = entry.done if entry is not None else self._inflight.get(h)
+            if pending is not None:
+                waiting.append(pending)
             elif self._lru.get((sha, h)) is not None:
                 cached += 1
-            elif len(self._queue) >= self._queue_capacity:
-                dropped += 1
             else:
-                entry = _Queued(text, loop.create_future())
-                self._queue[h] = entry
-                heapq.heappush(self._by_length, (len(text), next(self._sequence), h))
-                waiting.append(entry.done)
+                done: asyncio.Future[bool] = loop.create_future()
+                if self._enqueue(h, text, done):
+                    waiting.append(done)
+                else:
+                    dropped += 1
         queued = len(distinct) - cached - dropped
         for outcome, count in (("cached", cached), ("queued", queued), ("dropped", dropped)):
             if count:
                 self.metrics.prefetch_texts.labels(outcome=outcome).inc(count)
-        if self._queue:
-            self._start_prefetch_loop()
         if wait and waiting:
             results = await asyncio.gather(*(asyncio.shield(f) for f in waiting))
             if not all(results):
@@ -626,7 +852,7 @@ class Embedder:
             if chunk and tokens + cost > budget:
                 break
             heapq.heappop(self._by_length)
-            del self._queue[h]
+            self._unqueue(h)
             chunk[h] = entry
             tokens += cost
         return chunk
@@ -639,21 +865,24 @@ class Embedder:
                 self._by_length.clear()  # only entries callers took out are left
                 self._queue_ready.clear()
                 continue
-            self._running = self._take_chunk()
-            ok = False
+            chunk = self._take_chunk()
+            for h, entry in chunk.items():
+                self._inflight[h] = entry.done
+            self._running_chunk = len(chunk)
             try:
-                await self._embed_chunk(self._running)
-                ok = True
+                await self._embed_chunk(chunk)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a hint failed; the batch will encode them
                 self.metrics.prefetch_errors.inc()
-                log.exception("background embedding of %d texts failed", len(self._running))
+                log.exception("background embedding of %d texts failed", len(chunk))
             finally:
-                for entry in self._running.values():
+                for h, entry in chunk.items():
+                    if self._inflight.get(h) is entry.done:
+                        del self._inflight[h]
                     if not entry.done.done():
-                        entry.done.set_result(ok)
-                self._running = {}
+                        entry.done.set_result(False)
+                self._running_chunk = 0
 
     async def _embed_chunk(self, chunk: dict[str, _Queued]) -> None:
         """Shared cache first, then the backend (at background priority); results to the
@@ -666,10 +895,12 @@ class Embedder:
                 if vector is not None:
                     self._lru.put((sha, h), vector)
                     self.metrics.cache_hits.labels(cache="redis").inc()
+                    chunk[h].done.set_result(True)
             hashed = [h for h, vector in zip(hashed, hits, strict=True) if vector is None]
         if hashed:
-            await self._encode_and_store([chunk[h].text for h in hashed], hashed,
-                                         background=True)
+            piece = self._submit([chunk[h].text for h in hashed], hashed,
+                                 [chunk[h].done for h in hashed], background=True)
+            await piece.job.future
 
     async def close(self) -> None:
         if self._prefetch_task is not None:
@@ -679,18 +910,33 @@ class Embedder:
             except asyncio.CancelledError:
                 pass
             self._prefetch_task = None
-        for entry in [*self._queue.values(), *self._running.values()]:
+        for entry in self._queue.values():
             if not entry.done.done():
                 entry.done.set_result(False)
         self._queue.clear()
+        self._queue_bytes = 0
         self._by_length.clear()
-        self._running = {}
-        await self._batcher.close()
+        await self._batcher.close()  # fails every job left: their waiters are told
+        for done in list(self._inflight.values()):
+            if not done.done():
+                done.set_result(False)
+        self._inflight.clear()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
         if self._shared is not None:
             await self._shared.close()
         self._info.ready = False
         if self._owns_backend:
             self.backend.close()
+
+
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds to wait for the encoder before answering a caller with ``deadline``: up to
+    DEADLINE_MARGIN_S (at most 10 % of the time left) before it."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    return max(0.0, left - min(DEADLINE_MARGIN_S, 0.1 * left))
 
 
 async def create_embedder(

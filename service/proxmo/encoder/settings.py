@@ -21,7 +21,12 @@ class EncoderSettings:
     threads: torch intra-op threads on CPU; 0 = chosen from the cores this process may use.
     max_batch_tokens: micro-batch budget, padded length x batch size (a text longer than the
         budget still goes alone in its own batch).
-    lru_size: in-process embedding cache entries (0 disables it).
+    lru_size: in-process embedding cache entries (0 disables it); also the most texts the
+        background queue (prefetch, and what callers left unfinished) holds.
+    prefetch_queue_bytes: the most bytes of text that queue holds (default 256 MiB: ~3,700
+        texts of the largest accepted size, ~70 KB each, or ~400,000 typical 300-character
+        observations); texts beyond a cap are dropped (counted, encoded when a batch needs
+        them).
     redis_cache_url: shared fp16 embedding cache (``redis://host:port/db``); empty: none.
     redis_cache_ttl_s: lifetime of a shared cache entry.
     engine_cache_dir: root of the TensorRT engine cache (``~`` expanded).
@@ -33,6 +38,7 @@ class EncoderSettings:
     threads: int = 0
     max_batch_tokens: int = 16384
     lru_size: int = 100000
+    prefetch_queue_bytes: int = 256 << 20
     redis_cache_url: str = ""
     redis_cache_ttl_s: int = 604800
     engine_cache_dir: str = "~/.cache/proxmo/trt"
@@ -51,6 +57,10 @@ class EncoderSettings:
             )
         if self.lru_size < 0:
             raise ValueError(f"encoder.lru_size: must be >= 0, got {self.lru_size}")
+        if self.prefetch_queue_bytes < 0:
+            raise ValueError(
+                f"encoder.prefetch_queue_bytes: must be >= 0, got {self.prefetch_queue_bytes}"
+            )
         if self.redis_cache_ttl_s <= 0:
             raise ValueError(
                 f"encoder.redis_cache_ttl_s: must be > 0, got {self.redis_cache_ttl_s}"

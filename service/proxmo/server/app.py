@@ -34,6 +34,7 @@ from proxmo.engine import Engine, Limits
 from proxmo.server.admission import Phase
 from proxmo.server.auth import load_access_policy, load_tls
 from proxmo.server.config import Settings, SettingsError, load_settings
+from proxmo.server.connections import MAX_HEADER_BYTES, bounded_h11
 from proxmo.server.grpc_service import build_grpc_server, set_serving
 from proxmo.server.logging import configure_logging
 from proxmo.server.metrics import ServerMetrics
@@ -140,13 +141,24 @@ async def build(settings: Settings) -> Service:
     metrics = ServerMetrics(registry)
     sha = git_sha()
     metrics.build.info({"version": proxmo.__version__, "git_sha": sha or "unknown"})
-    store = create_store(settings.redis_url, namespace=settings.namespace, registry=registry)
+    store = create_store(
+        settings.redis_url, namespace=settings.namespace, registry=registry,
+        max_tasks=settings.store_max_tasks, cluster=settings.redis_cluster,
+        request_ttl_seconds=settings.store_request_ttl_s,
+        sentinels=[a for a in settings.redis_sentinels.split(",") if a.strip()],
+        sentinel_master=settings.redis_sentinel_master,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_s=settings.redis_wait_timeout_s,
+    )
     runtime = Runtime(settings=settings, store=store, metrics=metrics, git_sha=sha)
     grpc_server, health_servicer = await build_grpc_server(runtime, access=access, tls=tls)
     app = create_app(runtime, registry, access=access)
     http_server = _EmbeddedUvicorn(uvicorn.Config(
         app, host=settings.host, port=settings.http_port, log_config=None, lifespan="off",
         timeout_graceful_shutdown=max(1, round(settings.grace_period_s)),
+        http=bounded_h11(settings.http_max_connections, settings.http_header_timeout_s),
+        timeout_keep_alive=settings.http_keepalive_timeout_s,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         ssl_certfile=tls.cert_path if tls else None, ssl_keyfile=tls.key_path if tls else None,
     ))
     return Service(settings, registry, store, runtime, grpc_server, health_servicer, app,
@@ -169,6 +181,10 @@ async def load(service: Service) -> None:
             max_total_steps=settings.max_total_steps,
             max_state_chars=settings.max_state_chars,
             max_embedding_dim=settings.max_embedding_dim,
+            max_id_chars=settings.max_id_chars,
+            max_tasks_per_request=settings.max_tasks_per_request,
+            max_group_distinct_states=settings.max_group_distinct_states,
+            max_response_bytes=settings.max_message_bytes,
         ),
         registry=service.registry,
         compute_threads=settings.compute_threads,

@@ -17,6 +17,11 @@ Left open, so that probes and tooling keep working:
 ``/metrics`` takes the auth token or, when set, the metrics token: a scraper then holds a
 credential that opens nothing else.
 
+The destructive calls (gRPC ``ResetSuccessRates``, HTTP ``DELETE /v1/tasks`` and
+``DELETE /v1/tasks/{id}``) need the admin token (``--admin-token``, ``PROXMO_ADMIN_TOKEN``),
+which also opens every other call; a trainer's token gets PERMISSION_DENIED / 403, and without
+an admin token configured every caller does.
+
 Tokens are compared as SHA-256 digests with ``hmac.compare_digest``: constant time, and the
 comparison leaks not even the token's length. Only the digests are kept after start-up.
 """
@@ -34,18 +39,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from proxmo.errors import ProxmoError
 from proxmo.server.config import Settings, SettingsError
 from proxmo.server.runtime import Runtime, new_request_id
-from proxmo.server.status import Unauthenticated, classify
+from proxmo.server.status import PermissionDenied, Unauthenticated, classify
 
-# (transport, rpc) -> request id: counts and logs one refused call.
-RefusalRecorder = Callable[[str, str], str]
+# (transport, rpc[, error]) -> request id: counts and logs one refused call (default error:
+# Unauthenticated).
+RefusalRecorder = Callable[..., str]
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REFUSAL_MESSAGE = "missing or wrong bearer token (send 'authorization: Bearer <token>')"
+ADMIN_REFUSAL_MESSAGE = "this call deletes success-rate histories: it needs the admin token"
+NO_ADMIN_MESSAGE = ("this call deletes success-rate histories, and this server has no admin "
+                    "token (--admin-token): it is refused")
+# The destructive calls: with auth on, only the admin token opens them.
+ADMIN_GRPC_RPCS = frozenset({"ResetSuccessRates"})
 OPEN_GRPC_SERVICES = frozenset({
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -86,14 +98,25 @@ class AccessPolicy:
 
     token_digest: bytes = b""
     metrics_digest: bytes = b""
+    admin_digest: bytes = b""
 
     @property
     def enabled(self) -> bool:
         return bool(self.token_digest)
 
     def allows(self, authorization: str | None) -> bool:
-        """A service call: the auth token."""
-        return not self.enabled or self._matches(self.token_digest, authorization)
+        """A service call: the auth token (or the admin token, which opens every call)."""
+        return not self.enabled or self._matches(self.token_digest, authorization) or (
+            bool(self.admin_digest) and self._matches(self.admin_digest, authorization))
+
+    def admin_refusal(self, authorization: str | None) -> str | None:
+        """Why a destructive call is refused (PERMISSION_DENIED), None when it is allowed:
+        auth off, or the admin token. A trainer's token never suffices."""
+        if not self.enabled:
+            return None
+        if not self.admin_digest:
+            return NO_ADMIN_MESSAGE
+        return None if self._matches(self.admin_digest, authorization) else ADMIN_REFUSAL_MESSAGE
 
     def allows_metrics(self, authorization: str | None) -> bool:
         """``/metrics``: the auth token or the metrics token."""
@@ -133,14 +156,18 @@ def load_access_policy(settings: Settings) -> AccessPolicy:
         return AccessPolicy()
     metrics = _checked_token("metrics_token", settings.metrics_token) \
         if settings.metrics_token else ""
-    return AccessPolicy(_digest(token), _digest(metrics) if metrics else b"")
+    admin = _checked_token("admin_token", settings.admin_token) if settings.admin_token else ""
+    if admin and admin in (token, metrics):
+        raise SettingsError("admin_token: must differ from auth_token and metrics_token")
+    return AccessPolicy(_digest(token), _digest(metrics) if metrics else b"",
+                        _digest(admin) if admin else b"")
 
 
 def refusal_recorder(runtime: Runtime) -> RefusalRecorder:
     """Counts and logs a refused call through the same path as every other answer."""
-    def record(transport: str, rpc: str) -> str:
+    def record(transport: str, rpc: str, error: ProxmoError | None = None) -> str:
         request_id = new_request_id()
-        status = classify(Unauthenticated("authorization", REFUSAL_MESSAGE), request_id)
+        status = classify(error or Unauthenticated("authorization", REFUSAL_MESSAGE), request_id)
         runtime.finish(transport=transport, rpc=rpc, started=time.monotonic(),
                        request_id=request_id, error=status)
         return request_id
@@ -158,21 +185,17 @@ def _metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str
     return None
 
 
-async def _refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization: {REFUSAL_MESSAGE}")
+def _refusing_handler(handler: grpc.RpcMethodHandler, error: ProxmoError) -> grpc.RpcMethodHandler:
+    """A handler that refuses without receiving the request: a request-streaming handler that
+    never reads, so not even a unary call's message is taken off the wire (HTTP/2 flow control
+    then holds the sender to one window), let alone decoded."""
+    code = grpc.StatusCode[error.grpc_code]
 
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, str(error))
 
-def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that refuses without decoding the request (no deserializer:
-    the request stays bytes, never parsed)."""
-    serializer = handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_refuse, response_serializer=serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_refuse, response_serializer=serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_refuse, response_serializer=serializer)
-    return grpc.unary_unary_rpc_method_handler(_refuse, response_serializer=serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        refuse, response_serializer=handler.response_serializer)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -188,15 +211,20 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         service, _, rpc = details.method.lstrip("/").rpartition("/")
-        if service in OPEN_GRPC_SERVICES or self._policy.allows(
-            _metadata_value(details.invocation_metadata, "authorization")
-        ):
+        if service in OPEN_GRPC_SERVICES:
             return await continuation(details)
+        authorization = _metadata_value(details.invocation_metadata, "authorization")
+        error: ProxmoError | None = None
+        if not self._policy.allows(authorization):
+            error = Unauthenticated("authorization", REFUSAL_MESSAGE)
+        elif rpc in ADMIN_GRPC_RPCS:
+            reason = self._policy.admin_refusal(authorization)
+            error = PermissionDenied("authorization", reason) if reason else None
         handler = await continuation(details)
-        if handler is None:  # unknown method: UNIMPLEMENTED, as without auth
+        if error is None or handler is None:  # unknown method: UNIMPLEMENTED, as without auth
             return handler
-        self._on_refused("grpc", rpc)
-        return _refusing_handler(handler)
+        self._on_refused("grpc", rpc, error)
+        return _refusing_handler(handler, error)
 
 
 # --- HTTP --------------------------------------------------------------------------------------
@@ -222,26 +250,33 @@ class HttpBearerAuth:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        if path in OPEN_HTTP_PATHS or (
-            self._policy.allows_metrics(authorization) if path == METRICS_PATH
-            else self._policy.allows(authorization)
-        ):
+        method = scope.get("method", "")
+        destructive = method == "DELETE" and (path == "/v1/tasks" or path.startswith("/v1/tasks/"))
+        error: ProxmoError | None = None
+        if path in OPEN_HTTP_PATHS:
+            pass
+        elif not (self._policy.allows_metrics(authorization) if path == METRICS_PATH
+                  else self._policy.allows(authorization)):
+            error = Unauthenticated("authorization", REFUSAL_MESSAGE)
+        elif destructive:
+            reason = self._policy.admin_refusal(authorization)
+            error = PermissionDenied("authorization", reason) if reason else None
+        if error is None:
             await self._app(scope, receive, send)
             return
-        method = scope.get("method", "")
-        rpc = _HTTP_RPC.get((method, path)) or (
-            "ResetSuccessRates" if method == "DELETE" and path.startswith("/v1/tasks/")
-            else "other"
-        )
-        request_id = self._on_refused("http", rpc)
-        status = classify(Unauthenticated("authorization", REFUSAL_MESSAGE), request_id)
+        rpc = "ResetSuccessRates" if destructive else _HTTP_RPC.get((method, path), "other")
+        request_id = self._on_refused("http", rpc, error)
+        status = classify(error, request_id)
         body = json.dumps(status.body(request_id)).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
+        headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="proxmo"'),
             (b"x-request-id", request_id.encode()),
-        ]})
+        ]
+        if status.http_status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="proxmo"'))
+        await send({"type": "http.response.start", "status": status.http_status,
+                    "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

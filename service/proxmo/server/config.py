@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,9 @@ from typing import Any
 
 import tomllib
 import yaml
+from proxmo.core.batch import ValidationError
+from proxmo.secrets import MASK, mask_url
+from proxmo.store.base import validate_namespace
 
 ENV_PREFIX = "PROXMO_"
 MIB = 1024 * 1024
@@ -45,6 +47,31 @@ class Settings:
         default="", metadata={"help": "success-rate store; empty: in-memory store", "secret": True}
     )
     namespace: str = field(default="proxmo", metadata={"help": "success-rate key prefix"})
+    redis_cluster: bool = field(
+        default=False, metadata={"help": "the store is a Redis Cluster; redis_url names any node"}
+    )
+    redis_sentinels: str = field(
+        default="", metadata={"help": "Sentinel addresses host:port,...: the store is the "
+                              "primary they manage (redis_url then only gives password and db)"}
+    )
+    redis_sentinel_master: str = field(
+        default="", metadata={"help": "the Sentinel master name (with redis_sentinels)"}
+    )
+    redis_wait_replicas: int = field(
+        default=0, metadata={"help": "acknowledge an update only once this many replicas have "
+                             "it (Redis WAIT); 0: on the primary's word"}
+    )
+    redis_wait_timeout_s: float = field(
+        default=1.0, metadata={"help": "how long WAIT waits for redis_wait_replicas, seconds"}
+    )
+    store_max_tasks: int = field(
+        default=1_000_000, metadata={"help": "stored tasks per namespace; new tasks past it are "
+                                     "refused (RESOURCE_EXHAUSTED); 0: no cap"}
+    )
+    store_request_ttl_s: int = field(
+        default=86400, metadata={"help": "how long a request id is remembered for idempotency "
+                                 "(retries later than this count again), seconds"}
+    )
     similarity: str = field(
         default="auto",
         metadata={"help": "server default similarity: auto (encoder when loaded, else tfidf), "
@@ -62,6 +89,33 @@ class Settings:
     max_total_steps: int = field(default=200_000, metadata={"help": "steps per request"})
     max_state_chars: int = field(default=16_384, metadata={"help": "characters per state text"})
     max_embedding_dim: int = field(default=4096, metadata={"help": "largest state_embedding"})
+    max_id_chars: int = field(
+        default=256, metadata={"help": "longest request, trajectory, group or task id"}
+    )
+    max_tasks_per_request: int = field(
+        default=1024, metadata={"help": "distinct task ids per request"}
+    )
+    max_group_distinct_states: int = field(
+        default=1024, metadata={"help": "distinct states in one group when PSA runs (its work "
+                                "grows with their square)"}
+    )
+    http_max_connections: int = field(
+        default=256, metadata={"help": "open REST connections; more are closed at once"}
+    )
+    http_header_timeout_s: float = field(
+        default=10.0, metadata={"help": "seconds a REST connection may take to send a request's "
+                                "headers before it is closed"}
+    )
+    http_keepalive_timeout_s: int = field(
+        default=5, metadata={"help": "seconds an idle REST keep-alive connection stays open"}
+    )
+    grpc_max_concurrent_streams: int = field(
+        default=64, metadata={"help": "concurrent calls per gRPC connection (HTTP/2 streams)"}
+    )
+    grpc_max_connection_idle_s: int = field(
+        default=1800, metadata={"help": "seconds a gRPC connection without calls stays open "
+                                "(GOAWAY after; clients reconnect on their own)"}
+    )
     grace_period_s: float = field(
         default=20.0, metadata={"help": "seconds in-flight work may take after SIGTERM"}
     )
@@ -113,6 +167,11 @@ class Settings:
     auth_token_file: str = field(
         default="", metadata={"help": "file holding the auth token (exclusive with auth_token)"}
     )
+    admin_token: str = field(
+        default="",
+        metadata={"help": "bearer token of the destructive calls (ResetSuccessRates, DELETE "
+                  "/v1/tasks); with auth on and no admin token they are refused", "secret": True},
+    )
     metrics_token: str = field(
         default="",
         metadata={"help": "a second bearer token that opens /metrics only (scrapers)",
@@ -156,21 +215,15 @@ class Settings:
         }
 
 
-# The password runs to the LAST '@' (an unescaped '@' inside it must not leak its tail).
-_URL_PASSWORD = re.compile(r"^(?P<head>[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>.*)(?P<tail>@[^@]*)$")
-
-
 def mask_secret(value: Any) -> str:
-    """Mask a secret: the password of a URL (``redis://u:***@h``), or the whole value."""
+    """Mask a secret: a URL's password and secret query values (``redis://u:***@h``,
+    ``?password=***``), or the whole value."""
     text = str(value)
     if not text:
         return ""
-    match = _URL_PASSWORD.match(text)
-    if match:
-        return f"{match['head']}***{match['tail']}"
-    if "://" in text:  # a URL without a password shows as is
-        return text
-    return "***"
+    if "://" in text:
+        return mask_url(text)
+    return MASK
 
 
 def _check(s: Settings) -> None:
@@ -180,7 +233,10 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{name}: must be in 1..65535, got {port}")
     for name in ("max_concurrency", "stream_inflight", "max_message_bytes", "max_trajectories",
                  "max_steps_per_trajectory", "max_total_steps", "max_state_chars",
-                 "max_embedding_dim", "encoder_max_batch_tokens"):
+                 "max_embedding_dim", "encoder_max_batch_tokens", "max_id_chars",
+                 "max_tasks_per_request", "max_group_distinct_states", "http_max_connections",
+                 "http_keepalive_timeout_s",
+                 "grpc_max_concurrent_streams", "grpc_max_connection_idle_s"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{name}: must be >= 1, got {getattr(s, name)}")
     for name in ("compute_threads", "encoder_threads", "encoder_lru_size", "embedding_cache_ttl_s"):
@@ -192,6 +248,12 @@ def _check(s: Settings) -> None:
         raise SettingsError(
             f"compute_workers: must be auto or an integer >= 0, got {s.compute_workers!r}"
         )
+    if s.http_header_timeout_s <= 0:
+        raise SettingsError(f"http_header_timeout_s: must be > 0, got {s.http_header_timeout_s}")
+    try:
+        validate_namespace(s.namespace)
+    except ValidationError as error:
+        raise SettingsError(str(error)) from None
     if s.grace_period_s < 0:
         raise SettingsError(f"grace_period_s: must be >= 0, got {s.grace_period_s}")
     for f in fields(s):
@@ -202,12 +264,41 @@ def _check(s: Settings) -> None:
             )
     if s.embedding_cache_redis and not s.redis_url:
         raise SettingsError("embedding_cache_redis: needs redis_url")
+    _check_redis_topology(s)
     if s.auth_token and s.auth_token_file:
         raise SettingsError("auth_token_file: exclusive with auth_token; give one")
+    if s.admin_token and not (s.auth_token or s.auth_token_file):
+        raise SettingsError("admin_token: needs auth_token (without it every call is open)")
     if s.metrics_token and not (s.auth_token or s.auth_token_file):
         raise SettingsError("metrics_token: needs auth_token (without it /metrics is open)")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError("tls_key: tls_cert and tls_key go together; give both or neither")
+
+
+def _check_redis_topology(s: Settings) -> None:
+    for name in ("redis_wait_replicas", "store_max_tasks"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    if s.store_request_ttl_s < 1:
+        raise SettingsError(f"store_request_ttl_s: must be >= 1, got {s.store_request_ttl_s}")
+    if s.redis_wait_timeout_s <= 0:
+        raise SettingsError(f"redis_wait_timeout_s: must be > 0, got {s.redis_wait_timeout_s}")
+    if s.redis_cluster and not s.redis_url:
+        raise SettingsError("redis_cluster: needs redis_url (any node of the cluster)")
+    if s.redis_cluster and s.redis_sentinels:
+        raise SettingsError("redis_sentinels: exclusive with redis_cluster; give one")
+    if s.redis_sentinels and not s.redis_sentinel_master:
+        raise SettingsError("redis_sentinel_master: needed with redis_sentinels")
+    for address in filter(None, s.redis_sentinels.split(",")):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise SettingsError(f"redis_sentinels: each must be host:port, got {address!r}")
+    if s.redis_wait_replicas and s.redis_cluster:
+        raise SettingsError("redis_wait_replicas: needs a standalone or Sentinel-managed Redis")
+    if s.redis_wait_replicas and not (s.redis_url or s.redis_sentinels):
+        raise SettingsError("redis_wait_replicas: needs redis_url or redis_sentinels")
+    if s.embedding_cache_redis and (s.redis_cluster or s.redis_sentinels):
+        raise SettingsError("embedding_cache_redis: needs a standalone redis_url")
 
 
 def _field_types() -> dict[str, type]:
@@ -248,7 +339,9 @@ def _read_file(path: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise SettingsError(f"config: {p} is not valid {p.suffix or 'YAML'}: {e}") from None
+        # Only where and what, never the parser's quote of the line: it may hold a secret.
+        raise SettingsError(f"config: {p} is not valid {p.suffix or 'YAML'}: "
+                            f"{_parse_error_position(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -261,6 +354,19 @@ def _read_file(path: str) -> dict[str, Any]:
             raise SettingsError(f"config: unknown setting {key!r} in {p}")
         out[name] = _coerce(name, value, str(p))
     return out
+
+
+def _parse_error_position(error: Exception) -> str:
+    """``line L, column C`` (and the parser's problem, which quotes no value) of a YAML or TOML
+    syntax error."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem or 'syntax error'} at line {mark.line + 1}, column " \
+               f"{mark.column + 1}"
+    if isinstance(error, tomllib.TOMLDecodeError):
+        # tomllib's message is "<problem> (at line L, column C)" and quotes no value.
+        return str(error).split("\n", 1)[0][:200]
+    return "syntax error"
 
 
 def _parser() -> argparse.ArgumentParser:

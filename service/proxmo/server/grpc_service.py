@@ -20,8 +20,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-from proxmo.errors import InvalidArgument
+from proxmo.errors import InvalidArgument, LimitExceeded, ProxmoError
 from proxmo.server.auth import AccessPolicy, BearerAuthInterceptor, TlsFiles, refusal_recorder
+from proxmo.server.config import Settings
+from proxmo.server.prescan import check_wire_counts
 from proxmo.server.runtime import Runtime, new_request_id
 from proxmo.server.status import (
     ErrorStatus,
@@ -39,6 +41,16 @@ TRANSPORT = "grpc"
 _RETRY_AFTER_OVERLOAD = duration_pb2.Duration(nanos=100_000_000)  # a hint, not a promise
 
 T = TypeVar("T")
+
+# Requests larger than this are counted on their bytes and decoded on a thread (smaller ones
+# decode in tens of milliseconds at worst); at most _LARGE_DECODES such decodes at a time.
+DECODE_INLINE_BYTES = 256 * 1024
+_LARGE_DECODES = 2
+_REQUEST_TYPES: dict[str, type] = {
+    "ComputeAdvantages": pb.ComputeAdvantagesRequest,
+    "StreamAdvantages": pb.ComputeAdvantagesRequest,
+    "PrefetchStates": pb.PrefetchStatesRequest,
+}
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -109,7 +121,7 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
     ) -> pb.ComputeAdvantagesResponse:
         received = time.monotonic()
         return await self._serve(
-            "ComputeAdvantages", context, request.request_id or new_request_id(),
+            "ComputeAdvantages", context, self._rt.request_id_of(request),
             lambda: self._rt.compute(request, deadline=_deadline(context), received_at=received,
                                      wait_for_slot=False),
         )
@@ -141,7 +153,7 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
                     task = asyncio.create_task(rt.compute(
                         request, deadline=deadline, received_at=received, wait_for_slot=True))
                     queue.put_nowait(
-                        (index, request.request_id or new_request_id(), received, task))
+                        (index, rt.request_id_of(request), received, task))
                     index += 1
             finally:  # end of input, or a failed read: the answers so far go out first
                 queue.put_nowait(None)
@@ -200,7 +212,7 @@ class CreditAssignmentServicer(pb_grpc.CreditAssignmentServiceServicer):
     async def ResetSuccessRates(  # noqa: N802
         self, request: pb.ResetSuccessRatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetSuccessRatesResponse:
-        # Access (the auth token, when configured) is checked by BearerAuthInterceptor.
+        # Access (the admin token, when auth is on) is checked by BearerAuthInterceptor.
         return await self._serve("ResetSuccessRates", context, new_request_id(),
                                  lambda: self._rt.reset_success_rates(request))
 
@@ -219,13 +231,33 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     grpc decodes a request before the servicer runs and reports a DecodeError (corrupt wire
     bytes, invalid UTF-8 in a string) as UNKNOWN with the parser's text. This hands the servicer
     the same call with the bytes decoded inside it, where a failure becomes a field error.
+
+    A message over ``DECODE_INLINE_BYTES`` first has its trajectories and steps counted on its
+    bytes (``proxmo.server.prescan``: over a limit, RESOURCE_EXHAUSTED before any decoding),
+    then is decoded on a thread, at most ``_LARGE_DECODES`` at a time. The decoder holds the
+    GIL, so the loop still pauses while it runs, but only for as long as a message within the
+    limits takes to decode.
     """
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._large_decodes = asyncio.Semaphore(_LARGE_DECODES)
+
+    async def _decode(self, rpc: str, decode: Callable[[bytes], object], raw: bytes) -> object:
+        if len(raw) <= DECODE_INLINE_BYTES:
+            return decode(raw)
+        message = _REQUEST_TYPES.get(rpc, object)
+        limits = self._rt.engine.limits
+
+        def checked() -> object:
+            check_wire_counts(raw, message, limits)
+            return decode(raw)
+
+        async with self._large_decodes:
+            return await asyncio.to_thread(checked)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str,
-                      error: InvalidArgument) -> NoReturn:
+                      error: ProxmoError) -> NoReturn:
         """Count and log the refusal like any other answer, then abort the call."""
         request_id = new_request_id()
         status = classify(error, request_id)
@@ -252,10 +284,14 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 index = 0
                 async for raw in raw_requests:
                     try:
-                        yield decode(raw)
+                        request = await self._decode(rpc, decode, raw)
                     except DecodeError as error:
                         raise InvalidArgument(f"requests[{index}]",
                                               f"cannot be decoded: {error}") from None
+                    except LimitExceeded as error:
+                        raise LimitExceeded(f"requests[{index}].{error.field}",
+                                            error.message) from None
+                    yield request
                     index += 1
 
             async def stream(raw_requests: AsyncIterator[bytes],
@@ -263,7 +299,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     async for response in inner_stream(decoded(raw_requests), context):
                         yield response
-                except InvalidArgument as error:  # raised by `decoded` inside the servicer
+                except ProxmoError as error:  # raised by `decoded` inside the servicer
                     await self._refuse(context, rpc, error)
 
             return grpc.stream_stream_rpc_method_handler(stream, response_serializer=serializer)
@@ -272,20 +308,26 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> object:
             try:
-                request = decode(raw)
+                request = await self._decode(rpc, decode, raw)
             except DecodeError as error:
                 await self._refuse(context, rpc,
                                    InvalidArgument("request", f"cannot be decoded: {error}"))
+            except ProxmoError as error:  # over a limit, counted on the bytes; not ready
+                await self._refuse(context, rpc, error)
             return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serializer)
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options, set deliberately (serving-anchors.md section 3.5/3.6)."""
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # One connection cannot hold more calls than this (idle streams included).
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        # A connection without calls for this long gets GOAWAY (clients reconnect on demand).
+        ("grpc.max_connection_idle_ms", settings.grpc_max_connection_idle_s * 1000),
         # Two servers silently sharing a port is never what we want.
         ("grpc.so_reuseport", 0),
         # Clients (ours pings every 30 s) may keep idle connections alive with pings every
@@ -311,7 +353,7 @@ async def build_grpc_server(
         interceptors.append(BearerAuthInterceptor(access, refusal_recorder(runtime)))
     interceptors.append(DecodeGuard(runtime))
     server = grpc.aio.server(interceptors=interceptors,
-                             options=server_options(settings.max_message_bytes))
+                             options=server_options(settings))
     pb_grpc.add_CreditAssignmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
         CreditAssignmentServicer(runtime), server
     )

@@ -3,6 +3,7 @@
 Context goes in ``extra=``: ``log.info("request done", extra={"request_id": ..., "rpc": ...,
 "code": ..., "rows": ..., "groups": ..., "ms": ...})``. Both formats show every extra field;
 JSON lines always carry ``ts``, ``level``, ``logger`` and ``msg`` (and ``exc`` with the trace).
+Every line has the secrets of the URLs in it masked (``proxmo.secrets``), whoever logged it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from proxmo.secrets import mask_urls
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -41,7 +44,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return mask_urls(json.dumps(entry, default=str, separators=(",", ":")))
 
 
 class TextFormatter(logging.Formatter):
@@ -54,7 +57,7 @@ class TextFormatter(logging.Formatter):
             line = f"{line} {tail}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
-        return line
+        return mask_urls(line)
 
 
 def configure_logging(log_format: str, level: str) -> None:

@@ -8,7 +8,9 @@ status the error names (422 bad input, 413 over a limit, 429 overloaded, 503 not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
@@ -19,8 +21,11 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from proxmo.errors import InvalidArgument, LimitExceeded
+from proxmo.core.batch import cut
+from proxmo.engine import Limits
+from proxmo.errors import ClientGone, InvalidArgument, LimitExceeded
 from proxmo.server.auth import AccessPolicy, HttpBearerAuth, refusal_recorder
+from proxmo.server.prescan import check_json_counts
 from proxmo.server.runtime import Runtime, new_request_id
 from proxmo.server.status import ErrorStatus, classify
 from proxmo_client.v1 import proxmo_pb2 as pb
@@ -50,6 +55,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """``call``'s result, or ClientGone once the client disconnects: the call is cancelled
+    then, which stops its compute worker (the work would be answered to nobody)."""
+    work = asyncio.ensure_future(call)
+
+    async def disconnected() -> None:
+        # The body has been read: the next ASGI message is the disconnect (or never comes).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled() or not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        raise ClientGone()
+    return work.result()
+
+
 # A client's request id may hold any unicode (or a line break): percent-encode everything but
 # visible ASCII so that echoing it in a header can neither fail (latin-1) nor inject a header.
 _HEADER_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) != "%")
@@ -68,15 +100,19 @@ def _error_response(status: ErrorStatus, request_id: str) -> JSONResponse:
 M = TypeVar("M", bound=Message)
 
 
-def _parse_request(body: bytes, request: M) -> M:
-    """``body`` (proto3 JSON) parsed into ``request``; InvalidArgument("body") otherwise."""
+def _parse_request(body: bytes, request: M, limits: Limits) -> M:
+    """``body`` (proto3 JSON) parsed into ``request``; LimitExceeded when it holds more than
+    ``limits`` allow (counted before parsing), InvalidArgument("body") when it is not one."""
+    check_json_counts(body, type(request), limits)
     try:
         json_format.Parse(body, request)
     except json_format.ParseError as error:
         name = request.DESCRIPTOR.name
-        raise InvalidArgument("body", f"not a {name}: {error}") from None
+        raise InvalidArgument("body", f"not a {name}: {cut(str(error), 256)}") from None
     except UnicodeDecodeError:
         raise InvalidArgument("body", "not UTF-8 JSON") from None
+    except RecursionError:
+        raise InvalidArgument("body", "JSON nested too deeply") from None
     return request
 
 
@@ -181,18 +217,19 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
         try:
             body = await _read_body(request, runtime.settings.max_message_bytes)
             # Parsing a large batch takes milliseconds: keep it off the event loop.
-            message = await asyncio.to_thread(_parse_request, body, pb.ComputeAdvantagesRequest())
+            message = await asyncio.to_thread(_parse_request, body, pb.ComputeAdvantagesRequest(),
+                                              runtime.engine.limits)
         except Exception as exc:
             request_id = new_request_id()
             status = classify(exc, request_id)
             runtime.finish(transport=TRANSPORT, rpc="ComputeAdvantages", started=started,
                            request_id=request_id, error=status, exc=exc)
             return _error_response(status, request_id)
-        request_id = message.request_id or new_request_id()
+        request_id = runtime.request_id_of(message)
 
         async def compute() -> pb.ComputeAdvantagesResponse:
-            return await runtime.compute(message, deadline=None, received_at=received,
-                                         wait_for_slot=False)
+            return await _unless_disconnected(request, runtime.compute(
+                message, deadline=None, received_at=received, wait_for_slot=False))
 
         return await serve("ComputeAdvantages", request_id, compute)
 
@@ -203,7 +240,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
 
         async def call() -> pb.PrefetchStatesResponse:
             body = await _read_body(request, runtime.settings.max_message_bytes)
-            message = await asyncio.to_thread(_parse_request, body, pb.PrefetchStatesRequest())
+            message = await asyncio.to_thread(_parse_request, body, pb.PrefetchStatesRequest(),
+                                              runtime.engine.limits)
             return await runtime.prefetch_states(message)
 
         return await serve("PrefetchStates", request_id, call)
@@ -221,7 +259,7 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
         return await serve("GetSuccessRates", new_request_id(),
                            lambda: runtime.success_rates(message))
 
-    # Access (the auth token, when configured) is checked by the HttpBearerAuth middleware.
+    # Access (the admin token, when auth is on) is checked by the HttpBearerAuth middleware.
     async def reset(message: pb.ResetSuccessRatesRequest) -> Response:
         return await serve("ResetSuccessRates", new_request_id(),
                            lambda: runtime.reset_success_rates(message))

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 import proxmo
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine
-from proxmo.errors import DeadlineExceeded, InvalidArgument, NotReady
+from proxmo.engine import Engine, check_ids
+from proxmo.errors import DeadlineExceeded, InvalidArgument, LimitExceeded, NotReady
+from proxmo.secrets import mask_urls
 from proxmo.server.admission import Admission, Lifecycle
 from proxmo.server.config import Settings
 from proxmo.server.metrics import ServerMetrics
@@ -83,6 +84,12 @@ class Runtime:
         self._active_calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def request_id_of(self, request: pb.ComputeAdvantagesRequest) -> str:
+        """The id a request is logged and answered under: its own, cut to ``max_id_chars``
+        (a longer one is refused by the limits, and must not fill the error's metadata), or
+        a new one."""
+        return request.request_id[:self.settings.max_id_chars] or new_request_id()
 
     def attach(self, engine: Engine, embedder: EmbedderInfo | None) -> None:
         self._engine = engine
@@ -148,6 +155,11 @@ class Runtime:
 
     async def success_rates(self, request: pb.GetSuccessRatesRequest) -> pb.GetSuccessRatesResponse:
         """By task ids (unknown ones left out) or one page by prefix."""
+        self._check_task_ids(request.task_ids)
+        check_ids("prefix", request.prefix, self.engine.limits)
+        # A page token is a task id in base64 (up to 4 UTF-8 bytes a character).
+        if len(request.page_token) > 8 * self.settings.max_id_chars:
+            raise LimitExceeded("page_token", "is not a token this server issued (too long)")
         if request.task_ids:
             records = await self.store.get(list(request.task_ids))
             next_token = ""
@@ -167,6 +179,7 @@ class Runtime:
             raise InvalidArgument("all_tasks", "exclusive with task_ids: give one or the other")
         if not request.all_tasks and not request.task_ids:
             raise InvalidArgument("task_ids", "give the task ids to reset, or set all_tasks")
+        self._check_task_ids(request.task_ids)
         for i, task_id in enumerate(request.task_ids):
             if not task_id:
                 raise InvalidArgument(f"task_ids[{i}]", "must not be empty")
@@ -175,6 +188,15 @@ class Runtime:
         log.info("success rates reset", extra={"tasks": "all" if targets is None
                                                 else len(targets), "deleted": deleted})
         return pb.ResetSuccessRatesResponse(deleted=deleted)
+
+    def _check_task_ids(self, task_ids: Sequence[str]) -> None:
+        """At most ``max_tasks_per_request`` ids, each within ``max_id_chars``."""
+        limits = self.engine.limits
+        if len(task_ids) > limits.max_tasks_per_request:
+            raise LimitExceeded("task_ids", f"{len(task_ids)} task ids exceed the limit of "
+                                f"{limits.max_tasks_per_request}")
+        for i, task_id in enumerate(task_ids):
+            check_ids(f"task_ids[{i}]", task_id, limits)
 
     # --- description and readiness --------------------------------------------------------
 
@@ -199,6 +221,9 @@ class Runtime:
                 max_state_chars=s.max_state_chars,
                 max_concurrency=s.max_concurrency,
                 max_embedding_dim=s.max_embedding_dim,
+                max_id_chars=s.max_id_chars,
+                max_tasks_per_request=s.max_tasks_per_request,
+                max_group_distinct_states=s.max_group_distinct_states,
             ),
             success_rate_store=self.store.name,
             success_rate_namespace=self.store.namespace,
@@ -217,6 +242,7 @@ class Runtime:
             dimension=int(info.get("dimension", 0)),
             fallback_reasons=[str(r) for r in info.get("fallback_reasons", [])],
             ready=bool(info.get("ready", False)),
+            states_per_second=float(info.get("texts_per_second", 0.0)),
         )
 
     async def checks(self) -> list[Check]:
@@ -237,7 +263,7 @@ class Runtime:
                 detail += f"; {health.buffered_updates} updates buffered"
         except Exception as exc:  # a broken health probe is a degraded store, not a crash
             store_status, detail = "degraded", f"{self.store.name}: health check failed: {exc}"
-        checks.append(Check("store", True, store_status, detail))
+        checks.append(Check("store", True, store_status, mask_urls(detail)))
         if self._engine is None:
             checks.append(Check("encoder", False, "starting", "loading"))
         elif self.embedder is None:

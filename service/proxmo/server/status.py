@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxmo.core.batch import ValidationError
+from proxmo.core.batch import ValidationError, cut
 from proxmo.errors import InvalidArgument, ProxmoError
 
 # Reason label of proxmo_rejected_total per gRPC code.
@@ -19,6 +19,7 @@ _REJECT_REASONS = {
     "DEADLINE_EXCEEDED": "deadline",
     "UNAVAILABLE": "not_ready",
     "UNAUTHENTICATED": "unauthenticated",
+    "PERMISSION_DENIED": "permission_denied",
     "INTERNAL": "internal",
 }
 
@@ -53,18 +54,35 @@ def classify(exc: BaseException, request_id: str) -> ErrorStatus:
     """The answer for an exception raised while serving request ``request_id``."""
     if isinstance(exc, ValidationError):
         exc = InvalidArgument.from_validation(exc)
-    if isinstance(exc, ProxmoError):
-        return ErrorStatus(exc.grpc_code, exc.http_status, str(exc), exc.field, internal=False)
+    if isinstance(exc, ProxmoError):  # an INTERNAL one (NonFiniteResult) is a bug: log it
+        return ErrorStatus(exc.grpc_code, exc.http_status, _bounded(str(exc)),
+                           _bounded(exc.field), internal=exc.grpc_code == "INTERNAL")
     return ErrorStatus(
         "INTERNAL", 500, f"internal error (request_id={request_id})", "", internal=True
     )
 
 
+# Longest message or field an error carries: whatever echoes user input, the answer's status
+# (gRPC metadata, 8 KiB by default on the client side) and the log line stay small.
+MAX_ERROR_CHARS = 1024
+
+
+def _bounded(text: str) -> str:
+    return cut(text, MAX_ERROR_CHARS)
+
+
 class Unauthenticated(ProxmoError):
-    """An admin call without the server's auth token (when one is configured)."""
+    """A call without the server's auth token (when one is configured)."""
 
     grpc_code = "UNAUTHENTICATED"
     http_status = 401
+
+
+class PermissionDenied(ProxmoError):
+    """A destructive call without the admin token (auth on)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
 
 
 def in_stream(status: ErrorStatus, index: int) -> ErrorStatus:

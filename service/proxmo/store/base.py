@@ -15,6 +15,8 @@ Semantics every store keeps:
   first application's p's when the id was already applied).
 - A task's history expires ``ttl_seconds`` after its last update (sliding).
 - Task ids are ordered by code point (= UTF-8 byte order) for ``scan``.
+- At most ``max_tasks`` stored tasks (0: no cap): a request that would add new tasks past the cap
+  raises ``StoreFull`` and stores nothing; updates of stored tasks always pass.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from proxmo.core.batch import ValidationError
+from proxmo.core.batch import ValidationError, echo
+from proxmo.errors import ProxmoError
 
 DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 DEFAULT_REQUEST_TTL_SECONDS = 24 * 3600
 DEFAULT_MAX_BUFFERED = 10_000
+# Stored tasks per namespace: bounds Redis memory (~0.56 KB a task) against a client that invents
+# task ids without end. At the cap, a request with new task ids is refused whole (StoreFull).
+DEFAULT_MAX_TASKS = 1_000_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -40,6 +46,24 @@ DEFAULT_PAGE_SIZE = 100
 # that no key of one namespace can ever be a key of another ("a" vs "a:task:b").
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]+(?::[A-Za-z0-9_.\-]+)*$")
 _RESERVED_SEGMENTS = frozenset({"task", "req", "tasks"})
+
+
+class StoreFull(ProxmoError):
+    """The store holds ``max_tasks`` tasks and this request brings new ones: refused whole
+    (nothing of it stored, nothing counted), RESOURCE_EXHAUSTED / 507."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 507
+
+    @classmethod
+    def at(cls, stored: object, cap: str) -> StoreFull:
+        """The error for a store holding ``stored`` tasks at ``cap`` (described)."""
+        return cls(
+            "task_id",
+            f"the success-rate store holds {stored} tasks, its cap ({cap}); this request's new "
+            "task ids would pass it, so nothing of it was stored. Reset finished tasks, let "
+            "them expire, or raise the cap.",
+        )
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,7 @@ def validate_namespace(namespace: str) -> str:
     """Returns ``namespace`` or raises ValidationError("namespace") when it could collide."""
     if not _NAMESPACE_RE.match(namespace):
         raise ValidationError(
-            "namespace", f"must be ':'-separated words of [A-Za-z0-9_.-], got {namespace!r}"
+            "namespace", f"must be ':'-separated words of [A-Za-z0-9_.-], got {echo(namespace)}"
         )
     if _RESERVED_SEGMENTS.intersection(namespace.split(":")):
         raise ValidationError(

@@ -17,9 +17,11 @@ from prometheus_client import CollectorRegistry
 
 from proxmo.core import history
 from proxmo.store.base import (
+    DEFAULT_MAX_TASKS,
     DEFAULT_REQUEST_TTL_SECONDS,
     DEFAULT_TTL_SECONDS,
     ApplyResult,
+    StoreFull,
     StoreHealth,
     SuccessRateStore,
     TaskRecord,
@@ -68,8 +70,10 @@ class MemoryStore(SuccessRateStore):
         request_ttl_seconds: float = DEFAULT_REQUEST_TTL_SECONDS,
         default_prior: float = 0.0,
         registry: CollectorRegistry | None = None,
+        max_tasks: int = DEFAULT_MAX_TASKS,
     ) -> None:
         self.namespace = validate_namespace(namespace)
+        self._max_tasks = max_tasks
         self._ttl = float(ttl_seconds)
         self._request_ttl = float(request_ttl_seconds)
         self._default_prior = default_prior
@@ -101,6 +105,9 @@ class MemoryStore(SuccessRateStore):
                 self._metrics.replay()
                 return ApplyResult(rates=dict(claim.rates), replayed=True, degraded=False)
 
+            new = sum(task_id not in self._tasks for task_id in merged)
+            if not dry_run and self._max_tasks and new and len(self._tasks) + new > self._max_tasks:
+                raise StoreFull.at(len(self._tasks), f"store_max_tasks = {self._max_tasks}")
             rho = history.decay(half_life)
             rates: dict[str, float] = {}
             new_tasks: dict[str, _Task] = {}

@@ -89,6 +89,8 @@ def build_config(preset: str | None = None, **overrides: Any) -> pb.EstimatorCon
             if not isinstance(value, (bool, np.bool_)):
                 raise BuildError(where, f"expected a bool, got {value!r}")
             setattr(config, name, bool(value))
+        elif field.type == FieldDescriptor.TYPE_UINT32:
+            setattr(config, name, _count(value, where))
         else:
             setattr(config, name, _finite_float(value, where))
     return config
@@ -385,6 +387,14 @@ def _finite_float(value: Any, where: str) -> float:
     if not math.isfinite(number):
         raise BuildError(where, f"must be finite, got {number}")
     return number
+
+
+def _count(value: Any, where: str) -> int:
+    """A non-negative integer (an integral float such as 2.0 from YAML is accepted)."""
+    number = _finite_float(value, where)
+    if not number.is_integer() or number < 0 or number > 2**32 - 1:
+        raise BuildError(where, f"expected a non-negative integer, got {value!r}")
+    return int(number)
 
 
 def _strings(value: Any, where: str, expected: int | None = None) -> list[str]:

@@ -4,7 +4,10 @@
 Both share one behaviour:
 
 - Every unary call has a deadline: the call's ``timeout`` or the client's default (30 s). It
-  covers the whole call, retries and back-off included.
+  covers the whole call, retries and back-off included. A ``ComputeAdvantages`` left to the
+  default whose 1,000 or more distinct states the server's encoder must embed gets the default
+  plus twice the time they take at the server's measured encoder rate
+  (:mod:`proxmo_client.deadline`; the rate comes from ``GetServerInfo``, cached for 60 s).
 - UNAVAILABLE (the server is unreachable, not ready or draining) and CANCELLED coming from the
   server (a terminating replica cancels calls that reach it while grpc's own stop() runs) are
   retried, up to ``max_retries`` (default 5) times, ``min(max_backoff, backoff * 2**k) *
@@ -28,6 +31,8 @@ Both share one behaviour:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import random
 import time
 from collections.abc import (
@@ -38,6 +43,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass
 from enum import IntEnum
@@ -50,9 +56,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from proxmo_client._version import __version__
 from proxmo_client.builders import TrajectoryLike, build_request, new_request_id
+from proxmo_client.deadline import SERVER_INFO_TIMEOUT_S, ServerInfoCache
 from proxmo_client.errors import (
     BuildError,
     DeadlineExceededError,
+    ProxmoError,
     UnavailableError,
     error_from_rpc,
 )
@@ -133,8 +141,60 @@ class _Connection:
     retry: RetryPolicy
 
 
+# Calls (not connections) spread over every address: HTTP/2 multiplexes all calls on one
+# connection, so pick_first (gRPC's default) would pin every call to one replica.
+ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target and extra channel options for ``target``.
+
+    ``"host:port"``: one server (gRPC's default pick_first). A list of ``"ip:port"`` (several
+    replicas) or a ``"dns:///name:port"`` name (e.g. a Kubernetes headless Service, one address
+    per pod): round-robin over every address, call by call.
+    """
+    if isinstance(target, str):
+        if target.startswith("dns:"):
+            return target, [("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG)]
+        return target, []
+    addresses = [t.strip() for t in target]
+    if not addresses:
+        raise BuildError("target", "needs at least one address")
+    families = set()
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise BuildError(
+                "target", f"several targets must be ip:port (use dns:///name:port for a name), "
+                f"got {address[:100]!r}"
+            ) from None
+        if not port.isdigit():
+            raise BuildError("target", f"{address[:100]!r} has no port")
+    if len(families) > 1:
+        raise BuildError("target", "several targets must all be IPv4 or all IPv6")
+    scheme = "ipv6" if families == {6} else "ipv4"
+    return f"{scheme}:{','.join(addresses)}", [
+        ("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG),
+        ("grpc.default_authority", addresses[0]),
+    ]
+
+
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _admin_metadata(conn: _Connection, admin_token: str | None) -> tuple[tuple[str, str], ...]:
+    """The calls' metadata with the admin token in place of the client's token."""
+    if not admin_token:
+        return conn.metadata
+    return (*(item for item in conn.metadata if item[0] != "authorization"),
+            *_bearer(admin_token))
+
+
 def _connection(
-    target: str,
+    target: str | Sequence[str],
     *,
     timeout: float | None,
     max_retries: int,
@@ -167,10 +227,12 @@ def _connection(
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
+    grpc_target, balancing = channel_target(target)
+    options.extend(balancing)
     options.extend(channel_options)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = _bearer(token)
     retry = RetryPolicy(max_retries, retry_backoff_s, retry_max_backoff_s)
-    return _Connection(target, tuple(options), credentials, metadata, timeout, retry)
+    return _Connection(grpc_target, tuple(options), credentials, metadata, timeout, retry)
 
 
 class _Deadline:
@@ -265,7 +327,7 @@ class ProxmoClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_retries: int = 5,
@@ -282,7 +344,9 @@ class ProxmoClient:
     ) -> None:
         """``timeout``: default deadline of each unary call in seconds (None: none).
         ``tls``/``root_certificates``/``tls_server_name``: TLS (root_certificates implies tls).
-        ``token``: sent as ``authorization: Bearer <token>`` on every call."""
+        ``token``: sent as ``authorization: Bearer <token>`` on every call.
+        ``target``: ``"host:port"``, several ``"ip:port"`` (a list) or ``"dns:///name:port"``:
+        the last two balance calls round-robin over every address (see ``channel_target``)."""
         self._conn = _connection(
             target,
             timeout=timeout,
@@ -306,6 +370,7 @@ class ProxmoClient:
         )
         self._stub = pb_grpc.CreditAssignmentServiceStub(self._channel)
         self._closed = False
+        self._server_info = ServerInfoCache()  # its encoder rate sizes encoding deadlines
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=_HealthCheckRequest.SerializeToString,
@@ -334,9 +399,23 @@ class ProxmoClient:
             config_overrides=config_overrides,
         )
         response: pb.ComputeAdvantagesResponse = self._unary(
-            "ComputeAdvantages", self._stub.ComputeAdvantages, request, timeout
+            "ComputeAdvantages", self._stub.ComputeAdvantages, request,
+            self._compute_timeout(request, timeout),
         )
         return response
+
+    def _compute_timeout(
+        self, request: pb.ComputeAdvantagesRequest, timeout: float | None
+    ) -> float | None:
+        """The call's ``timeout``, or the client's default extended by the time the server may
+        need to encode the batch (see :mod:`proxmo_client.deadline`)."""
+        sizing = self._server_info
+        if sizing.needs_refresh(timeout, self._conn.timeout_s, request):
+            try:
+                sizing.put(self.server_info(timeout=SERVER_INFO_TIMEOUT_S))
+            except ProxmoError:
+                sizing.put(None)  # the call itself will report what is wrong
+        return sizing.timeout(timeout, self._conn.timeout_s, request)
 
     def stream_advantages(
         self, requests: Iterable[pb.ComputeAdvantagesRequest], *, timeout: float | None = None
@@ -407,11 +486,17 @@ class ProxmoClient:
         *,
         all_tasks: bool = False,
         timeout: float | None = None,
+        admin_token: str | None = None,
     ) -> pb.ResetSuccessRatesResponse:
-        """Deletes the named tasks' histories, or every task of the server's namespace."""
+        """Deletes the named tasks' histories, or every task of the server's namespace.
+
+        ``admin_token``: a server with auth on takes this call only with its admin token
+        (``--admin-token``), sent instead of the client's token; without it the server answers
+        PERMISSION_DENIED (:class:`PermissionDeniedError`)."""
         request = _reset_request(task_ids, all_tasks)
         response: pb.ResetSuccessRatesResponse = self._unary(
-            "ResetSuccessRates", self._stub.ResetSuccessRates, request, timeout
+            "ResetSuccessRates", self._stub.ResetSuccessRates, request, timeout,
+            metadata=_admin_metadata(self._conn, admin_token),
         )
         return response
 
@@ -478,12 +563,14 @@ class ProxmoClient:
         timeout: float | None,
         *,
         retry: bool = True,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         deadline = _Deadline(self._conn.timeout_s if timeout is None else timeout)
+        metadata = self._conn.metadata if metadata is None else metadata
         attempt = 0
         while True:
             try:
-                return rpc(request, timeout=deadline.remaining(), metadata=self._conn.metadata)
+                return rpc(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as error:
                 # close() from another thread cancels a running call locally (CANCELLED
                 # "Channel closed!"): a closed client retries nothing.
@@ -508,7 +595,7 @@ class AsyncProxmoClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_retries: int = 5,
@@ -546,6 +633,7 @@ class AsyncProxmoClient:
         )
         self._stub = pb_grpc.CreditAssignmentServiceStub(self._channel)
         self._closed = False
+        self._server_info = ServerInfoCache()  # its encoder rate sizes encoding deadlines
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=_HealthCheckRequest.SerializeToString,
@@ -571,9 +659,22 @@ class AsyncProxmoClient:
             config_overrides=config_overrides,
         )
         response: pb.ComputeAdvantagesResponse = await self._unary(
-            "ComputeAdvantages", self._stub.ComputeAdvantages, request, timeout
+            "ComputeAdvantages", self._stub.ComputeAdvantages, request,
+            await self._compute_timeout(request, timeout),
         )
         return response
+
+    async def _compute_timeout(
+        self, request: pb.ComputeAdvantagesRequest, timeout: float | None
+    ) -> float | None:
+        """See :meth:`ProxmoClient._compute_timeout`."""
+        sizing = self._server_info
+        if sizing.needs_refresh(timeout, self._conn.timeout_s, request):
+            try:
+                sizing.put(await self.server_info(timeout=SERVER_INFO_TIMEOUT_S))
+            except ProxmoError:
+                sizing.put(None)
+        return sizing.timeout(timeout, self._conn.timeout_s, request)
 
     async def stream_advantages(
         self,
@@ -628,11 +729,13 @@ class AsyncProxmoClient:
         *,
         all_tasks: bool = False,
         timeout: float | None = None,
+        admin_token: str | None = None,
     ) -> pb.ResetSuccessRatesResponse:
         """See :meth:`ProxmoClient.reset_success_rates`."""
         request = _reset_request(task_ids, all_tasks)
         response: pb.ResetSuccessRatesResponse = await self._unary(
-            "ResetSuccessRates", self._stub.ResetSuccessRates, request, timeout
+            "ResetSuccessRates", self._stub.ResetSuccessRates, request, timeout,
+            metadata=_admin_metadata(self._conn, admin_token),
         )
         return response
 
@@ -697,14 +800,14 @@ class AsyncProxmoClient:
         timeout: float | None,
         *,
         retry: bool = True,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         deadline = _Deadline(self._conn.timeout_s if timeout is None else timeout)
+        metadata = self._conn.metadata if metadata is None else metadata
         attempt = 0
         while True:
             try:
-                return await rpc(
-                    request, timeout=deadline.remaining(), metadata=self._conn.metadata
-                )
+                return await rpc(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as error:
                 # A local cancellation (of the task, or by close()) raises asyncio.CancelledError,
                 # which is not an RpcError: it propagates as is, never retried.

@@ -52,16 +52,39 @@ Config, under ``algorithm.proxmo`` (all optional)::
         timeout: 30.0               # seconds per call, retries included
         token: null                 # bearer token
         dry_run: false              # compute without writing success-rate history
+
+``adv_estimator=hgpo`` and ``adv_estimator=graphgpo`` (PRESET_ESTIMATORS) are served the same
+way, with the preset of that name unless ``algorithm.proxmo.preset`` names another.
+
+``install(server, preset, overrides)`` (or the environment: ``PROXMO_SERVER``, ``PROXMO_PRESET``,
+``PROXMO_OVERRIDES`` as a JSON object, ``PROXMO_TOKEN``) sets process-wide defaults under
+``algorithm.proxmo``.
+
+**verl-agent forks** (verl 0.3-era: no registry, no entry points, their own ``proxmo``/``gigpo``
+branches): ``install()`` never raises there either. With a server configured
+(``install(server=...)`` or ``PROXMO_SERVER``) the wrapped ``compute_advantage`` sends those
+estimators to the service ahead of the fork's own branches, translating the fork's arguments
+(:mod:`proxmo_client.integrations.verl_fork`; also ``copies=`` / ``PROXMO_COPIES`` and
+``returns=`` / ``PROXMO_RETURNS``). Where advantages are computed in a Ray actor, install it there
+too: ``ray_init.runtime_env.worker_process_setup_hook=proxmo_client.integrations.verl.install``;
+``ray.init`` without that hook in a process where a fork or an explicit server was seen logs a
+warning.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import importlib.abc
 import importlib.machinery
+import inspect
+import json
+import logging
+import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -78,10 +101,16 @@ from proxmo_client.integrations.rows import (
 from proxmo_client.integrations.service import ServiceConfig
 
 __all__ = [
+    "ENVIRONMENT",
     "ESTIMATOR_NAME",
+    "PRESET_ESTIMATORS",
+    "FORK_ESTIMATORS",
+    "SETUP_HOOK",
+    "check_ray_runtime_env",
     "compute_proxmo_advantages",
     "config_from_algorithm",
     "current_batch",
+    "fork_options",
     "install",
     "proxmo_advantage_estimator",
     "request_from_batch",
@@ -93,6 +122,29 @@ STEP_INDEX_KEY = "step_index"
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 RAY_TRAINER = "verl.trainer.ppo.ray_trainer"
 V1_UTILS = "verl.trainer.ppo.v1.utils"
+RAY = "ray"
+# Estimators that verl-agent forks branch on themselves (no registry): served when a server is set.
+FORK_ESTIMATORS = ("proxmo", "gigpo")
+# Further names registered in verl's registry, served like "proxmo" with the preset of the same
+# name unless algorithm.proxmo (or install() / PROXMO_PRESET) names one: verl-agent's HGPO and
+# GraphGPO estimators, computed by the service.
+PRESET_ESTIMATORS = ("hgpo", "graphgpo")
+# install()'s settings and their environment twins (read at each call, so a Ray worker's
+# environment counts). PROXMO_OVERRIDES is a JSON object of EstimatorConfig fields.
+ENVIRONMENT = {
+    "server": "PROXMO_SERVER",
+    "preset": "PROXMO_PRESET",
+    "overrides": "PROXMO_OVERRIDES",
+    "token": "PROXMO_TOKEN",
+    "copies": "PROXMO_COPIES",
+    "returns": "PROXMO_RETURNS",
+}
+SETUP_HOOK = "proxmo_client.integrations.verl.install"
+
+logger = logging.getLogger(__name__)
+_INSTALLED: dict[str, Any] = {}  # install()'s explicit arguments (win over the environment)
+_FORK: dict[str, Any] = {}  # "trainer_config": the fork trainer's config; "seen": a fork loaded
+_WARNED: set[str] = set()
 
 _CURRENT_BATCH: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "proxmo_verl_batch", default=None
@@ -115,14 +167,57 @@ _FIELD_NAMES = {
 
 
 def config_from_algorithm(config: Any) -> ServiceConfig:
-    """``algorithm.proxmo`` of verl's ``config.algorithm`` (DictConfig, AlgoConfig, dict, None)."""
+    """``algorithm.proxmo`` of verl's ``config.algorithm`` (DictConfig, AlgoConfig, dict, None),
+    over the defaults of :func:`install` and the environment."""
+    defaults = _service_values()
     node = _get(config, "proxmo")
-    if node is None:
-        return ServiceConfig()
-    values = _plain(node)
+    values = {} if node is None else _plain(node)
     if not isinstance(values, Mapping):
         raise BuildError("algorithm.proxmo", f"expected a mapping, got {type(node).__name__}")
-    return ServiceConfig.from_mapping(values, "algorithm.proxmo")
+    overrides = {**(defaults.get("overrides") or {}), **(values.get("overrides") or {})}
+    merged = {**defaults, **values}
+    if overrides:
+        merged["overrides"] = overrides
+    return ServiceConfig.from_mapping(merged, "algorithm.proxmo")
+
+
+def _settings() -> dict[str, Any]:
+    """install()'s explicit arguments over their ``PROXMO_*`` environment twins."""
+    values: dict[str, Any] = {}
+    for name, variable in ENVIRONMENT.items():
+        raw = os.environ.get(variable)
+        if raw:
+            values[name] = raw
+    if "overrides" in values:
+        try:
+            values["overrides"] = json.loads(values["overrides"])
+        except ValueError as e:
+            raise BuildError(ENVIRONMENT["overrides"], f"expected a JSON object: {e}") from None
+        if not isinstance(values["overrides"], dict):
+            raise BuildError(ENVIRONMENT["overrides"], "expected a JSON object of config fields")
+    values.update(_INSTALLED)
+    return values
+
+
+def _service_values() -> dict[str, Any]:
+    values = _settings()
+    return {k: values[k] for k in ("server", "preset", "overrides", "token") if k in values}
+
+
+def fork_options() -> Any:
+    """The :class:`~proxmo_client.integrations.verl_fork.ForkOptions` the fork wrapper uses, or
+    None when no server is configured (then the fork's own code runs)."""
+    from proxmo_client.integrations.verl_fork import ForkOptions  # it imports this module
+
+    values = _settings()
+    if not values.get("server"):
+        return None
+    service = ServiceConfig.from_mapping(_service_values(), "install")
+    return ForkOptions(
+        service=service,
+        copies=str(values.get("copies", "merge")),
+        returns=str(values.get("returns", "discounted")),
+    )
 
 
 def _get(config: Any, key: str) -> Any:
@@ -250,12 +345,22 @@ def _in_verl_terms(error: BuildError) -> BuildError:
 # ------------------------------------------------------------------- patches of verl
 
 
-def _wrap_compute_advantage(original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_compute_advantage(
+    original: Callable[..., Any], fork_estimators: frozenset[str] = frozenset()
+) -> Callable[..., Any]:
+    """``original`` publishing its batch for the registered estimator; in a fork, the
+    ``fork_estimators`` it branches on itself go to the service when a server is configured."""
     if getattr(original, "__proxmo_original__", None) is not None:
         return original
 
+    signature = inspect.signature(original) if fork_estimators else None
+
     @functools.wraps(original)
     def compute_advantage(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if signature is not None:
+            served = _fork_call(signature, fork_estimators, data, args, kwargs)
+            if served is not None:
+                return served()
         token = _CURRENT_BATCH.set(data)
         try:
             return original(data, *args, **kwargs)
@@ -266,25 +371,89 @@ def _wrap_compute_advantage(original: Callable[..., Any]) -> Callable[..., Any]:
     return compute_advantage
 
 
+def _fork_call(
+    signature: inspect.Signature,
+    fork_estimators: frozenset[str],
+    data: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Callable[[], Any] | None:
+    """The service's computation for this fork call, or None to run the fork's own code."""
+    try:
+        bound = signature.bind(data, *args, **kwargs)
+    except TypeError:
+        return None  # the fork's own call raises its own error
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    estimator = _estimator_value(arguments.get("adv_estimator"))
+    if estimator not in fork_estimators:
+        return None
+    options = fork_options()
+    if options is None:
+        _warn_once(
+            "no-server",
+            f"proxmo: adv_estimator={estimator} runs the fork's in-process code: no server is "
+            f"configured in this process (install(server=...) or {ENVIRONMENT['server']})",
+        )
+        return None
+    from proxmo_client.integrations.verl_fork import compute_fork_advantages
+
+    return functools.partial(
+        compute_fork_advantages, data, estimator, arguments, options, _FORK.get("trainer_config")
+    )
+
+
+def _estimator_value(value: Any) -> str:
+    """An estimator name from a string or a (str, Enum) member."""
+    return str(getattr(value, "value", value))
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _wrap_balance_batch(original: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(original, "__proxmo_original__", None) is not None:
         return original
 
     @functools.wraps(original)
     def _balance_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        stamp_step_index(batch, getattr(getattr(self, "config", None), "algorithm", None))
+        stamp_step_index(batch, _get(getattr(self, "config", None), "algorithm"))
         return original(self, batch, *args, **kwargs)
 
     _balance_batch.__proxmo_original__ = original  # type: ignore[attr-defined]
     return _balance_batch
 
 
+def _wrap_trainer_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A fork trainer's ``__init__`` that keeps its config (the invalid-action penalty lives
+    there, not in compute_advantage's arguments)."""
+    if getattr(original, "__proxmo_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _FORK["trainer_config"] = getattr(self, "config", None)
+
+    __init__.__proxmo_original__ = original  # type: ignore[attr-defined]
+    return __init__
+
+
 def stamp_step_index(batch: Any, algorithm_config: Any) -> None:
     """Before verl reorders rows: record each row's step index from the current row order.
 
-    Only for ``adv_estimator == "proxmo"`` batches that have ``traj_uid`` and no step index.
+    Only for ``adv_estimator`` ``proxmo`` (or a fork's ``gigpo``, or ``hgpo`` / ``graphgpo``)
+    batches that have ``traj_uid`` and no step index.
     """
-    if str(_get(algorithm_config, "adv_estimator")) != ESTIMATOR_NAME:
+    estimator = _estimator_value(_get(algorithm_config, "adv_estimator"))
+    if estimator not in FORK_ESTIMATORS + PRESET_ESTIMATORS:
         return
     non_tensor = batch.non_tensor_batch
     if "traj_uid" not in non_tensor or STEP_INDEX_KEY in non_tensor:
@@ -293,26 +462,118 @@ def stamp_step_index(batch: Any, algorithm_config: Any) -> None:
     non_tensor[STEP_INDEX_KEY] = derive_step_index(non_tensor["traj_uid"], row_keys)
 
 
+def _preset_estimator(name: str) -> Callable[..., tuple[Any, Any]]:
+    """The estimator registered as ``name`` (see PRESET_ESTIMATORS): proxmo's, with preset
+    ``name`` unless one is configured."""
+
+    def estimator(
+        token_level_rewards: Any,
+        response_mask: Any,
+        index: Any = None,
+        config: Any = None,
+        **_unused: Any,
+    ) -> tuple[Any, Any]:
+        data = current_batch()
+        if data is None:  # proxmo's estimator raises the error that says how to call it
+            return proxmo_advantage_estimator(token_level_rewards, response_mask, index, config)
+        settings = config_from_algorithm(config)
+        if not settings.preset:
+            settings = dataclasses.replace(settings, preset=name)
+        return compute_proxmo_advantages(data, settings, dtype=token_level_rewards.dtype)
+
+    estimator.__name__ = estimator.__qualname__ = f"{name}_advantage_estimator"
+    return estimator
+
+
+_PRESET_ESTIMATOR_FNS = {name: _preset_estimator(name) for name in PRESET_ESTIMATORS}
+
+
 def _patch_core_algos(module: Any) -> None:
-    if module.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME) is not proxmo_advantage_estimator:
+    registry = getattr(module, "ADV_ESTIMATOR_REGISTRY", None)
+    if registry is None or not hasattr(module, "register_adv_est"):
+        return  # a verl-agent fork (verl 0.3): ray_trainer's wrapper serves its estimators
+    if registry.get(ESTIMATOR_NAME) is not proxmo_advantage_estimator:
         module.register_adv_est(ESTIMATOR_NAME)(proxmo_advantage_estimator)
+    for name, estimator in _PRESET_ESTIMATOR_FNS.items():
+        if registry.get(name) is None:  # never displace an estimator verl itself ships
+            module.register_adv_est(name)(estimator)
+
+
+def _fork_estimators(module: Any) -> frozenset[str]:
+    """The FORK_ESTIMATORS that this ray_trainer branches on itself: all of them without a
+    registry, else those its own AdvantageEstimator enum names (its branch runs first)."""
+    core_algos = sys.modules.get(CORE_ALGOS)
+    if core_algos is not None and not hasattr(core_algos, "ADV_ESTIMATOR_REGISTRY"):
+        return frozenset(FORK_ESTIMATORS)
+    enums = (getattr(m, "AdvantageEstimator", None) for m in (module, core_algos))
+    named = {_estimator_value(member) for enum in enums if enum is not None for member in enum}
+    return frozenset(FORK_ESTIMATORS) & named
 
 
 def _patch_ray_trainer(module: Any) -> None:
-    module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
+    fork_estimators = _fork_estimators(module)
+    original = module.compute_advantage
+    module.compute_advantage = _wrap_compute_advantage(original, fork_estimators)
     trainer = getattr(module, "RayPPOTrainer", None)
     if trainer is not None and hasattr(trainer, "_balance_batch"):
         trainer._balance_batch = _wrap_balance_batch(trainer._balance_batch)
+    if not fork_estimators:
+        return
+    _FORK["seen"] = True
+    if trainer is not None:
+        trainer.__init__ = _wrap_trainer_init(trainer.__init__)
+    for other in list(sys.modules.values()):  # names bound by `from ... import` before install
+        if getattr(other, "__dict__", {}).get("compute_advantage") is original:
+            setattr(other, "compute_advantage", module.compute_advantage)  # noqa: B010
 
 
 def _patch_v1_utils(module: Any) -> None:
     module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
 
 
+def _patch_ray(module: Any) -> None:
+    init = module.init
+    if getattr(init, "__proxmo_original__", None) is not None:
+        return
+
+    @functools.wraps(init)
+    def ray_init(*args: Any, **kwargs: Any) -> Any:
+        check_ray_runtime_env(kwargs.get("runtime_env"))
+        return init(*args, **kwargs)
+
+    ray_init.__proxmo_original__ = init  # type: ignore[attr-defined]
+    module.init = ray_init
+
+
+def check_ray_runtime_env(runtime_env: Any) -> bool:
+    """False, with a loud warning, when Ray workers started with ``runtime_env`` would compute a
+    fork's advantages without the wrapper although this process has a server configured."""
+    if not (_FORK.get("seen") or "server" in _INSTALLED):
+        return True
+    try:
+        if not _settings().get("server"):
+            return True
+    except BuildError:
+        return True  # the bad setting is reported where it is used
+    hook = _get(_plain(runtime_env), "worker_process_setup_hook")
+    if hook in (SETUP_HOOK, install):
+        return True
+    _warn_once(
+        "ray-hook",
+        "proxmo: a server is configured in this process, but the Ray workers that run verl's "
+        "fit() and compute_advantage will not get it: a verl-agent fork's workers compute "
+        "advantages in process and the server gets no requests. Pass "
+        f"ray_init.runtime_env.worker_process_setup_hook={SETUP_HOOK} and PROXMO_SERVER in "
+        "the workers' environment (runtime_env.env_vars)",
+    )
+    return False
+
+
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     CORE_ALGOS: _patch_core_algos,
     RAY_TRAINER: _patch_ray_trainer,
     V1_UTILS: _patch_v1_utils,
+    RAY: _patch_ray,
 }
 
 
@@ -331,7 +592,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        self._patch(module)
+        _apply(self._patch, module)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -354,15 +615,61 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return None
 
 
-def install() -> None:
+def _apply(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
+    """A patch that fails leaves the module as verl made it, and says so: never break verl."""
+    try:
+        patch(module)
+    except Exception:
+        logger.exception("proxmo: could not patch %s; it runs unchanged", module.__name__)
+
+
+def install(
+    server: str | None = None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    copies: str | None = None,
+    returns: str | None = None,
+    token: str | None = None,
+) -> bool:
     """Register the estimator and wrap verl's dispatch, now for loaded modules and on import
-    for the others. Idempotent; run on import of this module."""
-    if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
-    for name, patch in _PATCHES.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            patch(module)
+    for the others; idempotent; run on import of this module.
+
+    Arguments given (not None) become process-wide settings over their ``PROXMO_*`` twins
+    (:data:`ENVIRONMENT`): the defaults under ``algorithm.proxmo``, and in a verl-agent fork the
+    service that its ``proxmo``/``gigpo`` estimators use. Never raises: on failure it logs why,
+    leaves no import hook behind and returns False. Ray calls it with no arguments as a
+    ``worker_process_setup_hook``.
+    """
+    given = {"server": server, "preset": preset, "overrides": overrides, "copies": copies,
+             "returns": returns, "token": token}  # fmt: skip
+    finder = next((f for f in sys.meta_path if isinstance(f, _PatchOnImport)), None)
+    added = finder is None
+    before = dict(_INSTALLED)
+    try:
+        _INSTALLED.update({k: v for k, v in given.items() if v is not None})
+        if "overrides" in _INSTALLED:
+            _INSTALLED["overrides"] = dict(_INSTALLED["overrides"])
+        if finder is None:
+            finder = _PatchOnImport()
+            sys.meta_path.insert(0, finder)
+        for name, patch in _PATCHES.items():
+            module = sys.modules.get(name)
+            if module is not None:
+                patch(module)
+        if _settings().get("server"):
+            fork_options()  # a bad setting is reported now, and again where it is used
+    except Exception as e:
+        if isinstance(e, BuildError):
+            logger.error("proxmo: install() failed, verl runs without the service: %s", e)
+        else:
+            logger.exception("proxmo: install() failed, verl runs without the service")
+        _INSTALLED.clear()
+        _INSTALLED.update(before)
+        if added and finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+        return False
+    return True
 
 
 install()

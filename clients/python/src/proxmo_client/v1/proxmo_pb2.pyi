@@ -17,6 +17,8 @@ class Estimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESTIMATOR_GIGPO: _ClassVar[Estimator]
     ESTIMATOR_GRPO: _ClassVar[Estimator]
     ESTIMATOR_RLOO: _ClassVar[Estimator]
+    ESTIMATOR_HGPO: _ClassVar[Estimator]
+    ESTIMATOR_GRAPHGPO: _ClassVar[Estimator]
 
 class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +57,8 @@ ESTIMATOR_PROXMO: Estimator
 ESTIMATOR_GIGPO: Estimator
 ESTIMATOR_GRPO: Estimator
 ESTIMATOR_RLOO: Estimator
+ESTIMATOR_HGPO: Estimator
+ESTIMATOR_GRAPHGPO: Estimator
 NORMALIZATION_UNSPECIFIED: Normalization
 NORMALIZATION_MEAN: Normalization
 NORMALIZATION_MEAN_STD: Normalization
@@ -103,7 +107,7 @@ class Trajectory(_message.Message):
     def __init__(self, trajectory_id: _Optional[str] = ..., group_id: _Optional[str] = ..., task_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., success: _Optional[bool] = ...) -> None: ...
 
 class EstimatorConfig(_message.Message):
-    __slots__ = ("preset", "estimator", "gamma", "tau", "step_weight", "psc_enabled", "psc_alpha", "psc_beta", "psc_range", "invalid_action_penalty", "success_threshold", "episode_normalization", "step_normalization", "stats_unit", "success_rate_source", "similarity", "scope", "history_half_life", "history_prior")
+    __slots__ = ("preset", "estimator", "gamma", "tau", "step_weight", "psc_enabled", "psc_alpha", "psc_beta", "psc_range", "invalid_action_penalty", "success_threshold", "episode_normalization", "step_normalization", "stats_unit", "success_rate_source", "similarity", "scope", "history_half_life", "history_prior", "hgpo_history_length", "hgpo_alpha", "hgpo_base_group", "graph_normalize_distance", "graph_success_value", "episode_weight")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +127,12 @@ class EstimatorConfig(_message.Message):
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_HALF_LIFE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    HGPO_HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HGPO_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    HGPO_BASE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_NORMALIZE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SUCCESS_VALUE_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     preset: str
     estimator: Estimator
     gamma: float
@@ -142,7 +152,13 @@ class EstimatorConfig(_message.Message):
     scope: Scope
     history_half_life: float
     history_prior: float
-    def __init__(self, preset: _Optional[str] = ..., estimator: _Optional[_Union[Estimator, str]] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., step_weight: _Optional[float] = ..., psc_enabled: _Optional[bool] = ..., psc_alpha: _Optional[float] = ..., psc_beta: _Optional[float] = ..., psc_range: _Optional[float] = ..., invalid_action_penalty: _Optional[float] = ..., success_threshold: _Optional[float] = ..., episode_normalization: _Optional[_Union[Normalization, str]] = ..., step_normalization: _Optional[_Union[Normalization, str]] = ..., stats_unit: _Optional[_Union[StatsUnit, str]] = ..., success_rate_source: _Optional[_Union[SuccessRateSource, str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., history_half_life: _Optional[float] = ..., history_prior: _Optional[float] = ...) -> None: ...
+    hgpo_history_length: int
+    hgpo_alpha: float
+    hgpo_base_group: bool
+    graph_normalize_distance: bool
+    graph_success_value: float
+    episode_weight: float
+    def __init__(self, preset: _Optional[str] = ..., estimator: _Optional[_Union[Estimator, str]] = ..., gamma: _Optional[float] = ..., tau: _Optional[float] = ..., step_weight: _Optional[float] = ..., psc_enabled: _Optional[bool] = ..., psc_alpha: _Optional[float] = ..., psc_beta: _Optional[float] = ..., psc_range: _Optional[float] = ..., invalid_action_penalty: _Optional[float] = ..., success_threshold: _Optional[float] = ..., episode_normalization: _Optional[_Union[Normalization, str]] = ..., step_normalization: _Optional[_Union[Normalization, str]] = ..., stats_unit: _Optional[_Union[StatsUnit, str]] = ..., success_rate_source: _Optional[_Union[SuccessRateSource, str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., history_half_life: _Optional[float] = ..., history_prior: _Optional[float] = ..., hgpo_history_length: _Optional[int] = ..., hgpo_alpha: _Optional[float] = ..., hgpo_base_group: _Optional[bool] = ..., graph_normalize_distance: _Optional[bool] = ..., graph_success_value: _Optional[float] = ..., episode_weight: _Optional[float] = ...) -> None: ...
 
 class ComputeAdvantagesRequest(_message.Message):
     __slots__ = ("request_id", "trajectories", "config", "dry_run")
@@ -171,7 +187,7 @@ class TrajectoryAdvantages(_message.Message):
     def __init__(self, trajectory_id: _Optional[str] = ..., advantages: _Optional[_Iterable[float]] = ..., episode_advantages: _Optional[_Iterable[float]] = ..., step_advantages: _Optional[_Iterable[float]] = ..., returns: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GroupReport(_message.Message):
-    __slots__ = ("group_id", "task_id", "num_trajectories", "num_steps", "num_successes", "success_rate", "success_rate_source", "success_rate_fallback", "weight_success", "weight_failure", "singleton_fraction", "mean_effective_neighbors")
+    __slots__ = ("group_id", "task_id", "num_trajectories", "num_steps", "num_successes", "success_rate", "success_rate_source", "success_rate_fallback", "weight_success", "weight_failure", "singleton_fraction", "mean_effective_neighbors", "hgpo_long_history_fraction", "graph_mean_distance", "graph_unreachable_fraction")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +200,9 @@ class GroupReport(_message.Message):
     WEIGHT_FAILURE_FIELD_NUMBER: _ClassVar[int]
     SINGLETON_FRACTION_FIELD_NUMBER: _ClassVar[int]
     MEAN_EFFECTIVE_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    HGPO_LONG_HISTORY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_MEAN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_UNREACHABLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     task_id: str
     num_trajectories: int
@@ -196,7 +215,10 @@ class GroupReport(_message.Message):
     weight_failure: float
     singleton_fraction: float
     mean_effective_neighbors: float
-    def __init__(self, group_id: _Optional[str] = ..., task_id: _Optional[str] = ..., num_trajectories: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_successes: _Optional[int] = ..., success_rate: _Optional[float] = ..., success_rate_source: _Optional[_Union[SuccessRateSource, str]] = ..., success_rate_fallback: _Optional[bool] = ..., weight_success: _Optional[float] = ..., weight_failure: _Optional[float] = ..., singleton_fraction: _Optional[float] = ..., mean_effective_neighbors: _Optional[float] = ...) -> None: ...
+    hgpo_long_history_fraction: float
+    graph_mean_distance: float
+    graph_unreachable_fraction: float
+    def __init__(self, group_id: _Optional[str] = ..., task_id: _Optional[str] = ..., num_trajectories: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_successes: _Optional[int] = ..., success_rate: _Optional[float] = ..., success_rate_source: _Optional[_Union[SuccessRateSource, str]] = ..., success_rate_fallback: _Optional[bool] = ..., weight_success: _Optional[float] = ..., weight_failure: _Optional[float] = ..., singleton_fraction: _Optional[float] = ..., mean_effective_neighbors: _Optional[float] = ..., hgpo_long_history_fraction: _Optional[float] = ..., graph_mean_distance: _Optional[float] = ..., graph_unreachable_fraction: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("total_ns", "queue_ns", "featurize_ns", "store_ns", "compute_ns", "num_steps", "num_unique_states", "num_encoded_states")
@@ -323,7 +345,7 @@ class Preset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., config: _Optional[_Union[EstimatorConfig, _Mapping]] = ...) -> None: ...
 
 class EncoderInfo(_message.Message):
-    __slots__ = ("model_id", "model_sha256", "backend", "device", "dtype", "dimension", "fallback_reasons", "ready")
+    __slots__ = ("model_id", "model_sha256", "backend", "device", "dtype", "dimension", "fallback_reasons", "ready", "states_per_second")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +354,7 @@ class EncoderInfo(_message.Message):
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASONS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    STATES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_sha256: str
     backend: str
@@ -340,10 +363,11 @@ class EncoderInfo(_message.Message):
     dimension: int
     fallback_reasons: _containers.RepeatedScalarFieldContainer[str]
     ready: bool
-    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., dimension: _Optional[int] = ..., fallback_reasons: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    states_per_second: float
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., dimension: _Optional[int] = ..., fallback_reasons: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., states_per_second: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_trajectories", "max_steps_per_trajectory", "max_total_steps", "max_state_chars", "max_concurrency", "max_embedding_dim")
+    __slots__ = ("max_message_bytes", "max_trajectories", "max_steps_per_trajectory", "max_total_steps", "max_state_chars", "max_concurrency", "max_embedding_dim", "max_id_chars", "max_tasks_per_request", "max_group_distinct_states")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_PER_TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +375,9 @@ class Limits(_message.Message):
     MAX_STATE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     MAX_EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_GROUP_DISTINCT_STATES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_trajectories: int
     max_steps_per_trajectory: int
@@ -358,7 +385,10 @@ class Limits(_message.Message):
     max_state_chars: int
     max_concurrency: int
     max_embedding_dim: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_trajectories: _Optional[int] = ..., max_steps_per_trajectory: _Optional[int] = ..., max_total_steps: _Optional[int] = ..., max_state_chars: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_embedding_dim: _Optional[int] = ...) -> None: ...
+    max_id_chars: int
+    max_tasks_per_request: int
+    max_group_distinct_states: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_trajectories: _Optional[int] = ..., max_steps_per_trajectory: _Optional[int] = ..., max_total_steps: _Optional[int] = ..., max_state_chars: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_embedding_dim: _Optional[int] = ..., max_id_chars: _Optional[int] = ..., max_tasks_per_request: _Optional[int] = ..., max_group_distinct_states: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "git_sha", "default_preset", "presets", "default_similarity", "similarities", "encoder", "limits", "success_rate_store", "success_rate_namespace")

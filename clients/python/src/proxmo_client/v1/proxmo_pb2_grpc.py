@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class CreditAssignmentServiceStub:
-    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO or RLOO.
+    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO, RLOO,
+    HGPO or GraphGPO.
     """
 
     def __init__(self, channel):
@@ -68,14 +69,16 @@ class CreditAssignmentServiceStub:
 
 
 class CreditAssignmentServiceServicer:
-    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO or RLOO.
+    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO, RLOO,
+    HGPO or GraphGPO.
     """
 
     def ComputeAdvantages(self, request, context):
         """Computes per-step advantages for one batch of trajectories.
         Errors: INVALID_ARGUMENT (names the offending field, e.g. `trajectories[3].steps[7].reward`),
-        RESOURCE_EXHAUSTED (over a size limit or the server's concurrency limit), UNAVAILABLE (not
-        ready or draining), DEADLINE_EXCEEDED.
+        RESOURCE_EXHAUSTED (over a size limit, e.g. ids, tasks, or an answer larger than the
+        largest message, refused before anything is stored; or the server's concurrency limit),
+        UNAVAILABLE (not ready or draining), DEADLINE_EXCEEDED (the work is then stopped).
         StreamAdvantages deliberately carries the same messages, so that a batch means the same thing
         on either RPC.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -118,7 +121,8 @@ class CreditAssignmentServiceServicer:
 
     def ResetSuccessRates(self, request, context):
         """Deletes per-task success-rate histories: the named tasks, or every task of this server's
-        namespace. Guarded by the server's auth token when one is configured.
+        namespace. With auth on, it needs the server's admin token (`--admin-token`): a trainer's
+        token gets PERMISSION_DENIED, and so does every caller when no admin token is configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,7 +178,8 @@ def add_CreditAssignmentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CreditAssignmentService:
-    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO or RLOO.
+    """Credit assignment for multi-turn agent RL: per-step advantages from ProxMO, GiGPO, GRPO, RLOO,
+    HGPO or GraphGPO.
     """
 
     @staticmethod
