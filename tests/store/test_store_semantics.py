@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 from proxmo.core.batch import ValidationError
 from proxmo.store import MemoryStore, RedisStore, TaskUpdate, create_store
@@ -396,5 +397,28 @@ def test_create_store_picks_by_url(redis_url, redis_namespace) -> None:
         assert remote.namespace == redis_namespace
         await memory.close()
         await remote.close()
+
+    asyncio.run(body())
+
+
+def test_a_claim_written_before_version_2_is_still_a_replay(redis_url, redis_namespace) -> None:
+    """Rolling upgrade: a request id claimed by an older replica ([task_id, p, ...]) is a replay
+    that stores nothing and reports the p of its first application."""
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{redis_namespace}:req:old-replica", '["t", 0.375, "u", 1]', px=60_000)
+    client.close()
+
+    async def body() -> None:
+        store = RedisStore(redis_url, namespace=redis_namespace)
+        again = await store.apply("old-replica", [TaskUpdate("t", 2, 8), TaskUpdate("u", 1, 1)],
+                                  half_life=4, prior=0, dry_run=False)
+        assert again.replayed and again.rates == {"t": 0.375, "u": 1.0}
+        assert await store.get(["t", "u"]) == []  # nothing stored by the replay
+        fresh = await store.apply("new", [TaskUpdate("t", 2, 8)], half_life=4, prior=0,
+                                  dry_run=False)
+        replay = await store.apply("new", [TaskUpdate("t", 2, 8)], half_life=4, prior=0,
+                                   dry_run=False)
+        assert not fresh.replayed and replay.replayed and replay.rates == fresh.rates
+        await store.close()
 
     asyncio.run(body())

@@ -160,7 +160,9 @@ for i = 4, #KEYS do
     redis.call('ZADD', KEYS[3], expires, task_id)
   end
 end
-local rates = cjson.encode(out)
+-- an object {v = 2, r = [task_id, S', N', ...]}: claims written by earlier versions are plain
+-- arrays [task_id, p, ...], and a rolling upgrade must still read them as replays
+local rates = cjson.encode({v = 2, r = out})
 if write then
   redis.call('SET', KEYS[1], rates, 'NX', 'PX', ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -168,6 +170,22 @@ if write then
 end
 return {0, rates}
 """
+
+def _claimed_rates(claim: Any, prior: float) -> dict[str, float]:
+    """p per task from a script reply or a stored claim.
+
+    Current claims are ``{"v": 2, "r": [task_id, S', N', ...]}`` (p from
+    ``proxmo.core.history``); claims written before version 2 are ``[task_id, p, ...]`` and
+    still count as replays during a rolling upgrade (their p is reported as stored).
+    """
+    if isinstance(claim, dict):
+        flat = claim.get("r") or []  # cjson writes an empty array as {}
+        return {
+            flat[i]: history.success_rate(float(flat[i + 1]), float(flat[i + 2]), prior)
+            for i in range(0, len(flat), 3)
+        }
+    return {claim[i]: float(claim[i + 1]) for i in range(0, len(claim), 2)}
+
 
 # What can go wrong talking to Redis: connection errors, timeouts, server-side refusals (RedisError
 # covers them), and OS-level errors. ``_is_outage`` tells a store-wide outage (circuit opens,
@@ -601,10 +619,7 @@ class RedisStore(SuccessRateStore):
         replayed only when every group was a replay."""
         rates: dict[str, float] = {}
         for reply in replies:
-            flat = json.loads(reply[1])
-            for i in range(0, len(flat), 3):
-                rates[flat[i]] = history.success_rate(float(flat[i + 1]), float(flat[i + 2]),
-                                                      prior)
+            rates.update(_claimed_rates(json.loads(reply[1]), prior))
         replayed = all(int(reply[0]) == 1 for reply in replies)
         if replayed:
             self._metrics.replay()
