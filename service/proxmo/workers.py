@@ -46,14 +46,32 @@ class WorkerLost(ProxmoError):
         super().__init__("", message)
 
 
-def _start_worker(initializer: Callable[[], None], server_pid: int) -> None:
+# This worker's "call finished" flag (see ComputePool._stop_or_keep), set by _start_worker.
+_finished: Any = None
+
+
+def _start_worker(initializer: Callable[[], None], server_pid: int,
+                  finished: tuple[Any, Any]) -> None:
     # Ctrl-C and a SIGTERM to the whole process group (systemd, honcho, tini -g) reach the
     # workers too; the server process decides when they stop (the executor's shutdown), so
     # that a drain lets admitted work finish. Whichever way the server ends, they end with it.
+    global _finished
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _finished = finished
     exit_with(server_pid)
     initializer()
+
+
+def _run_call(fn: Callable[..., T], *args: Any) -> T:
+    """Runs in the worker: ``fn(*args)``, then marks the call finished (under the flag's lock)
+    before its result is written back, so the server never kills a worker mid-write."""
+    flag, lock = _finished
+    try:
+        return fn(*args)
+    finally:
+        with lock:
+            flag.value = 1
 
 
 def exit_with(pid: int) -> None:
@@ -128,6 +146,8 @@ class ComputePool:
         self._context = multiprocessing.get_context("forkserver")
         # worker_preload first: the fork server ignores SIGTERM (see that module)
         self._context.set_forkserver_preload(["proxmo.worker_preload", *preload])
+        # each executor's worker's "call finished" flag and its lock
+        self._finished: dict[ProcessPoolExecutor, tuple[Any, Any]] = {}
         self._executors = [self._new_executor() for _ in range(workers)]
         # Free workers (by index), and the callers waiting for one, first come first served.
         self._idle = list(range(workers))
@@ -138,11 +158,15 @@ class ComputePool:
         self._on_replace = on_replace
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
+        finished = (self._context.RawValue("b", 0), self._context.Lock())
+        executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=self._context,
-            initializer=functools.partial(_start_worker, self._initializer, os.getpid()),
+            initializer=functools.partial(_start_worker, self._initializer, os.getpid(),
+                                          finished),
         )
+        self._finished[executor] = finished
+        return executor
 
     async def start(self) -> list[int]:
         """Start and warm every worker (each runs the initializer); returns their pids."""
@@ -171,7 +195,7 @@ class ComputePool:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # handed a worker as we were cancelled
                 self._release(waiter.result())
-            else:
+            elif waiter in self._waiters:  # _release drops cancelled waiters itself
                 self._waiters.remove(waiter)
             raise
 
@@ -204,10 +228,7 @@ class ComputePool:
                 except BaseException:
                     # Cancelled (the client left) or timed out (the deadline): the work is
                     # abandoned, so its process is stopped instead of running on for nobody.
-                    if future.done():
-                        self._release(index)
-                    else:
-                        self._replace(index, stopped=True)
+                    self._stop_or_keep(index, future)
                     raise
                 self._release(index)
                 return result
@@ -221,10 +242,34 @@ class ComputePool:
         """Submit to worker ``index``; a worker found dead before the call got in (it died
         while idle) is replaced and the call goes to its successor."""
         try:
-            return self._executors[index].submit(fn, *args)
+            return self._submit_to(self._executors[index], fn, *args)
         except BrokenProcessPool:
             self._replace(index, stopped=False, release=False)
-            return self._executors[index].submit(fn, *args)
+            return self._submit_to(self._executors[index], fn, *args)
+
+    def _submit_to(self, executor: ProcessPoolExecutor, fn: Callable[..., T],
+                   *args: Any) -> Future[T]:
+        flag, _ = self._finished[executor]
+        flag.value = 0  # the worker is idle: nothing of it to race with
+        return executor.submit(_run_call, fn, *args)
+
+    def _stop_or_keep(self, index: int, future: Future[Any]) -> None:
+        """The caller of the call on worker ``index`` gave up: kill and replace the worker
+        while it still computes; keep it when the call already finished (its result is being
+        written back: a worker killed mid-write leaves a partial message that wedges the
+        executor's reader thread, and with it the server's exit)."""
+        flag, lock = self._finished[self._executors[index]]
+        # Held while deciding and killing: the worker cannot mark itself finished meanwhile.
+        # Not got within a second: the worker died holding it, so there is nothing to keep.
+        locked = lock.acquire(timeout=1.0)
+        try:
+            if not locked or not (future.done() or flag.value):
+                self._replace(index, stopped=True)
+                return
+        finally:
+            if locked:
+                lock.release()
+        self._release(index)
 
     def _replace(self, index: int, *, stopped: bool, release: bool = True) -> None:
         """Kill worker ``index`` (if still alive) and start its successor; ``release``: the
@@ -239,6 +284,7 @@ class ComputePool:
             if process.is_alive():
                 process.kill()
         old.shutdown(wait=False, cancel_futures=True)
+        self._finished.pop(old, None)
         if stopped:
             log.warning("stopped a compute worker whose caller gave up (deadline or client "
                         "left); starting its successor", extra={"restarts": self.restarts})

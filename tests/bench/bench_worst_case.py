@@ -11,6 +11,10 @@ through Engine.compute (in-process threads, what `proxmo compute` does; a server
 worker runs the same code): convert, validate, TF-IDF, the estimator and the response. Prints
 wall and CPU seconds and the process's peak RSS (ru_maxrss) before and after the call, for
 TFIDF (paper preset) and EXACT (paper preset, similarity EXACT: no PSA).
+
+Then the same TFIDF request is sent to a real proxmo-server (default compute workers: one per
+core) while one client sends a small 16x8x50 batch in a loop: the small batch's latency
+percentiles alone and meanwhile show what the worst request does to other trainers.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_server import batch_request  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from proxmo.engine import Limits  # noqa: E402
 from proxmo_client.v1 import proxmo_pb2 as pb  # noqa: E402
+from support.proxmo_server import ProxmoServer  # noqa: E402
 
 WORDS = [f"w{i:04d}" for i in range(2048)]
 WORDS_PER_STATE = 40
@@ -96,6 +104,55 @@ def measure(path: str, similarity: int) -> dict[str, float]:
     }
 
 
+def _percentiles(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+    return f"n {len(ordered)}, p50 {pick(0.5) * 1e3:.0f} ms, p99 {pick(0.99) * 1e3:.0f} ms"
+
+
+def meanwhile(data: bytes) -> None:
+    """A small batch's latency alone, then while the worst request runs on a real server."""
+    import threading
+    from pathlib import Path
+
+    small = batch_request(16, 8, 50)
+    small.config.preset = "paper"
+    worst = pb.ComputeAdvantagesRequest.FromString(data)
+    worst.config.preset = "paper"
+    with tempfile.TemporaryDirectory() as tmp, ProxmoServer(
+        ["--encoder-backend", "none", "--log-level", "warning"], Path(tmp) / "server.log"
+    ) as server:
+        server.wait_ready(timeout=120)
+        stub = server.stub()
+
+        def loop(seconds: float) -> list[float]:
+            out, end = [], time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                stub.ComputeAdvantages(small, timeout=30)
+                out.append(time.perf_counter() - start)
+            return out
+
+        loop(2.0)  # warm-up
+        alone = loop(10.0)
+        done: dict[str, float] = {}
+
+        def send_worst() -> None:
+            start = time.perf_counter()
+            stub.ComputeAdvantages(worst, timeout=600)
+            done["s"] = time.perf_counter() - start
+
+        thread = threading.Thread(target=send_worst)
+        thread.start()
+        during: list[float] = []
+        while thread.is_alive():
+            during += loop(1.0)
+        thread.join()
+    print(f"small 16x8x50 batch alone: {_percentiles(alone)}")
+    print(f"worst request over gRPC: {done['s']:.1f} s; the small batch meanwhile: "
+          f"{_percentiles(during)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     limits = Limits()
@@ -139,6 +196,8 @@ def main() -> None:
                 f"{result['rss_before_mib']:.0f} | {result['rss_peak_mib']:.0f} |",
                 flush=True,
             )
+    print()
+    meanwhile(data)
 
 
 if __name__ == "__main__":
