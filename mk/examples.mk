@@ -7,7 +7,7 @@
 #   make test-examples-smoke  tests/examples alone (main venv pytest; the example runs as a
 #                             subprocess in .venv-examples against a real proxmo-server)
 #   make e2e                  the full comparison (E2E_ARGS=...), written to E2E_OUT
-#   make e2e-grid             issue 18's declared grid for one regime (E2E_REGIME=noisy|mixed|
+#   make e2e-grid             the pre-declared grid (docs/e2e.md) for one regime (E2E_REGIME=noisy|mixed|
 #                             exact): every estimator x 10 seeds, resumable, into
 #                             results/$(E2E_REGIME); then summary.json, plots, the README block
 
