@@ -20,7 +20,7 @@ does not implement (hgpo, graphgpo) are timed for the core only.
 Prints a markdown table: median ms (rounds interleave the presets), rows/s, naive ms (median
 of 3 at 16 groups, one run at 64: it takes seconds), ratio naive/core, and peak memory
 (tracemalloc, measured in a separate untimed run), then the 64/16 scaling of the core's time
-and memory, the issue-17 target (paper preset, half-distinct, 16 groups: <= 30 ms, >= 25x the
+and memory, the performance target (paper preset, half-distinct, 16 groups: <= 30 ms, >= 25x the
 naive path) and where the paper preset's time goes.
 The `proxmo` preset runs with TFIDF (the encoder is not part of the core) and with fixed
 HISTORY rates standing in for the store's answer.
@@ -247,7 +247,7 @@ WORKLOADS = (
     ("alfworld", FRESH_FRACTION, tuple(PRESETS)),
     ("half-distinct", HALF_DISTINCT_FRESH, ("proxmo", "paper", "proxmo-rl")),
 )
-PAPER_TARGET_MS = 30.0  # issue 17: the paper preset on the 16-group half-distinct batch
+PAPER_TARGET_MS = 30.0  # the paper preset on the 16-group half-distinct batch
 RATIO_GOAL = 25.0
 
 
@@ -403,7 +403,7 @@ def main() -> None:
         )
         print()
         print(
-            f"target (issue 17): paper, half-distinct, 16 groups: {core:.1f} ms, "
+            f"target: paper, half-distinct, 16 groups: {core:.1f} ms, "
             f"{cpu:.1f} ms CPU (<= {PAPER_TARGET_MS:.0f} ms: "
             f"{'met' if core <= PAPER_TARGET_MS else 'MISSED'}); {ratio}"
         )

@@ -123,7 +123,7 @@ def meanwhile(data: bytes) -> None:
         ["--encoder-backend", "none", "--log-level", "warning"], Path(tmp) / "server.log"
     ) as server:
         server.wait_ready(timeout=120)
-        stub = server.stub()
+        stub = server.stub
 
         def loop(seconds: float) -> list[float]:
             out, end = [], time.perf_counter() + seconds
