@@ -273,7 +273,7 @@ class RedisStore(SuccessRateStore):
         self._cluster = cluster
         self._location = (
             f"sentinel {','.join(sentinels)} master {sentinel_master}" if sentinels
-            else ("cluster " if cluster else "") + _redact(url)
+            else ("cluster " if cluster else "") + mask_url(url)
         )
         self._ttl_ms = max(1, round(ttl_seconds * 1000))
         self._request_ttl_ms = max(1, round(request_ttl_seconds * 1000))
@@ -883,8 +883,3 @@ def _record(task_id: str, fields: dict[str, str], default_prior: float) -> TaskR
         updates=int(fields["updates"]),
         last_update_unix=float(fields["last_update"]),
     )
-
-
-def _redact(url: str) -> str:
-    """The URL without its password or secret query values, for logs and health details."""
-    return mask_url(url)
