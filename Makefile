@@ -1,12 +1,20 @@
 # proxmo developer entry points (GNU make). Every target reuses .venv and installs what it needs.
+# `make help` prints the `#   make TARGET  summary` lines of this file and of mk/*.mk, so a target
+# documented there is listed: its first line is the summary, the indented lines under it details.
 #
-#   make test         Redis check/start, proto stale check, pytest (TESTS=..., PYTEST_ARGS=...)
+#   make help         this list: every public target of the Makefile and mk/*.mk, one line each
+#   make venv         build .venv: torch (CPU wheel) first, then the service, the client, dev tools
+#   make test         the whole suite: Redis, proto check, pytest (TESTS=..., PYTEST_ARGS=...)
+#                     mk/*.mk add its prerequisites: the trainer tests, the examples venv, the
+#                     deploy validators
 #   make serve        proxmo-server with its embedded defaults (extra flags: ARGS="...")
 #   make bench        every tests/bench/bench_*.py in turn
-#   make lint         ruff, mypy --strict (core and client), buf lint
+#   make lint         ruff, mypy --strict (the whole service and the client), buf lint
 #   make proto        regenerate clients/python/src/proxmo_client/v1 from protos/
 #   make proto-check  fail (with a diff) when the committed generated code is stale
-#   make venv | buf | redis | clean
+#   make buf          install buf (npm @bufbuild/buf) into .tools; a warning where npm is missing
+#   make redis        reuse the Redis on 127.0.0.1:REDIS_PORT, else install and start one
+#   make clean        remove caches and build outputs (keeps the venvs)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -41,8 +49,11 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .PHONY: help venv serve test bench lint proto proto-check buf redis clean
 
+# One line per `#   make TARGET  summary` line, grouped by the file that documents the target.
 help:
-	@sed -n 's/^#   //p' Makefile
+	@awk 'FNR == 1 { print (NR == 1 ? "" : "\n") FILENAME } \
+		/^#   make [a-z]/ { target = $$3; sub(/^#   make [^ ]+ +/, ""); \
+			printf "  %-20s %s\n", target, $$0 }' $(MAKEFILE_LIST)
 
 venv: $(STAMP)
 
@@ -66,6 +77,7 @@ bench: $(STAMP) redis
 		echo "== $$script"; $(OFFLINE) $(PY) "$$script"; \
 	done
 
+# mypy reads pyproject.toml ([tool.mypy]: the whole service); the client has its own config.
 lint: $(STAMP) buf
 	$(VENV)/bin/ruff check service clients tests protos
 	$(VENV)/bin/mypy

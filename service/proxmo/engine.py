@@ -23,14 +23,14 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 from proxmo.convert import build_response, preset_to_proto, request_to_core
 from proxmo.core.batch import StepBatch, ValidationError
@@ -60,11 +60,12 @@ from proxmo.errors import (
     LimitExceeded,
     NonFiniteResult,
 )
+from proxmo.limits import Limits
+from proxmo.proto import pb
 from proxmo.store.base import ApplyResult, SuccessRateStore, TaskUpdate
 from proxmo.workers import ComputePool, usable_cores
 
 T = TypeVar("T")
-P = ParamSpec("P")
 
 log = logging.getLogger("proxmo.engine")
 
@@ -93,28 +94,6 @@ class TextEmbedder(Protocol):
     ) -> Embedding: ...
 
     async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> Prefetched: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request size limits; exceeding one raises LimitExceeded naming the field."""
-
-    max_trajectories: int = 4096
-    max_steps_per_trajectory: int = 1000
-    max_total_steps: int = 200_000
-    max_state_chars: int = 16_384
-    max_embedding_dim: int = 4096
-    # Ids are stored (task ids, in the success-rate store), logged and echoed in every answer.
-    max_id_chars: int = 256
-    # Distinct task ids per request: the store's work per batch is linear in them.
-    max_tasks_per_request: int = 1024
-    # The largest answer that can be sent (the server's max message size); a request whose
-    # answer would be larger is refused before anything is computed or stored.
-    max_response_bytes: int = 64 * 1024 * 1024
-    # Distinct states per group when PSA runs (TFIDF, ENCODER, PRECOMPUTED): its work grows
-    # with their square. 1,024 bounds the worst accepted request (200,000 steps, every group
-    # at the cap) to seconds on 2 cores; docs/server.md has the measurement.
-    max_group_distinct_states: int = 1024
 
 
 # Upper bounds of a ComputeAdvantagesResponse's wire size: per step 4 packed doubles; per
@@ -196,11 +175,11 @@ def check_limits(request: pb.ComputeAdvantagesRequest, limits: Limits) -> None:
                     f"{len(step.state_embedding)} values exceed the limit of "
                     f"{limits.max_embedding_dim}",
                 )
-    if answer_bytes > limits.max_response_bytes:
+    if answer_bytes > limits.max_message_bytes:
         raise LimitExceeded(
             "trajectories",
             f"the answer would take up to {answer_bytes} bytes, over the largest message "
-            f"({limits.max_response_bytes} bytes): send fewer steps or shorter ids",
+            f"({limits.max_message_bytes} bytes): send fewer steps or shorter ids",
         )
 
 
@@ -243,21 +222,19 @@ def _check_deadline(deadline: float | None, stage: str) -> None:
         raise DeadlineExceeded(f"deadline exceeded before {stage}; no further work was done")
 
 
+@contextmanager
+def field_errors() -> Iterator[None]:
+    """The core's ValidationError (raised by the core and by the store's checks) becomes
+    InvalidArgument with its field: a ProxmoError, which both doors and the CLI answer, and
+    which survives the trip back from a worker process. The one place this conversion is made:
+    around each compute stage (as a decorator) and each call into the store."""
+    try:
+        yield
+    except ValidationError as error:
+        raise InvalidArgument.from_validation(error) from None
+
+
 # --- the compute stages (run on the compute executor: a worker process or a thread) ------------
-
-
-def _field_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    """The core's ValidationError becomes InvalidArgument with its field (a ProxmoError, which
-    also survives the trip back from a worker process)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except ValidationError as error:
-            raise InvalidArgument.from_validation(error) from None
-
-    return wrapper
 
 
 @dataclass(frozen=True)
@@ -275,7 +252,7 @@ class Prepared:
     components_s: float = 0.0
 
 
-@_field_errors
+@field_errors()
 def prepare(
     request: pb.ComputeAdvantagesRequest,
     limits: Limits,
@@ -304,7 +281,7 @@ def prepare(
                     time.monotonic() - started)
 
 
-@_field_errors
+@field_errors()
 def score(
     prepared: Prepared,
     *,
@@ -341,7 +318,7 @@ def score(
     return response
 
 
-@_field_errors
+@field_errors()
 def with_components(
     prepared: Prepared, *, embeddings: np.ndarray | None, deadline: float | None
 ) -> Prepared:
@@ -382,7 +359,7 @@ def check_finite_components(components: Components, cfg: EstimatorConfig,
 
 
 def check_finite_result(result: AdvantageResult, batch: StepBatch) -> None:
-    """The last check before an answer (ALGORITHM.md section 5a): every per-row value and
+    """The last check before an answer (docs/algorithm.md section 5a): every per-row value and
     every group diagnostic finite, else NonFiniteResult (INTERNAL)."""
     for name, values in (
         ("advantages", result.advantages),
@@ -451,14 +428,19 @@ def _timing(prepared: Prepared, *, queue_ns: int, featurize_s: float, store_s: f
     )
 
 
-def _warmup_request() -> pb.ComputeAdvantagesRequest:
-    """Two tiny groups through TF-IDF and the estimator."""
-    request = pb.ComputeAdvantagesRequest(request_id="worker-warmup",
-                                          config=pb.EstimatorConfig(preset="paper"))
-    for i in range(4):
-        trajectory = request.trajectories.add(trajectory_id=f"w{i}", group_id=f"w{i % 2}")
-        trajectory.steps.add(state="you are in a room", reward=0.0)
-        trajectory.steps.add(state=f"you see item {i}", reward=float(i % 2))
+def warmup_request(preset: str = "") -> pb.ComputeAdvantagesRequest:
+    """Two tiny groups, one success and one failure each, on one task; a dry run (nothing is
+    stored). ``preset`` empty: the server's default, which also touches its encoder and
+    store."""
+    request = pb.ComputeAdvantagesRequest(request_id="warmup", dry_run=True)
+    if preset:
+        request.config.preset = preset
+    for g in range(2):
+        for i in range(2):
+            trajectory = request.trajectories.add(trajectory_id=f"w{g}{i}", group_id=f"w{g}",
+                                                  task_id="proxmo-warmup")
+            trajectory.steps.add(state="you are in a room", reward=0.0)
+            trajectory.steps.add(state=f"you see item {i}", reward=float(i))
     return request
 
 
@@ -469,7 +451,9 @@ def warm_worker() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
-    prepare_and_score(_warmup_request(), Limits(), Similarity.TFIDF, None, "worker-warmup", 0)
+    # "paper": TF-IDF and the estimator, in the worker alone (no encoder, no store)
+    prepare_and_score(warmup_request("paper"), Limits(), Similarity.TFIDF, None, "worker-warmup",
+                      0)
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -724,7 +708,7 @@ class Engine:
             TaskUpdate(task, int(s), int(n))
             for task, s, n in zip(task_ids, successes, trials, strict=True)
         ]
-        try:
+        with field_errors():
             return await self.store.apply(
                 request_id,
                 updates,
@@ -732,8 +716,6 @@ class Engine:
                 prior=cfg.history_prior,
                 dry_run=dry_run,
             )
-        except ValidationError as error:
-            raise InvalidArgument.from_validation(error) from None
 
     def _record(self, response: pb.ComputeAdvantagesResponse, store_s: float | None) -> None:
         m = self._metrics

@@ -57,7 +57,7 @@ class InvalidArgument(ProxmoError):
 
 class NonFiniteResult(ProxmoError):
     """The estimator produced a NaN or an infinity for an accepted request: a bug, never an
-    answer (ALGORITHM.md section 5a). The request fails as INTERNAL and stores nothing."""
+    answer (docs/algorithm.md section 5a). The request fails as INTERNAL and stores nothing."""
 
     grpc_code = "INTERNAL"
     http_status = 500

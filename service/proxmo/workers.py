@@ -181,6 +181,10 @@ class ComputePool:
         # no public accessor in concurrent.futures
         return [pid for executor in self._executors for pid in executor._processes]
 
+    def idle_workers(self) -> int:
+        """Workers with no call (a call is on its worker as soon as this count drops)."""
+        return len(self._idle)
+
     async def _acquire(self) -> int:
         if self._idle and not self._waiters:
             # A warm worker first; one whose successor still starts only when none is.

@@ -45,8 +45,9 @@ from machine import cpu_model  # noqa: E402
 from proxmo.core import StepBatch  # noqa: E402
 from proxmo.encoder import Embedder, EncoderSettings  # noqa: E402
 from proxmo.encoder.base import EncoderBackend, reference_embeddings  # noqa: E402
-from proxmo.encoder.embedder import PREFETCH_CHUNK_TOKENS, shared_cache_key  # noqa: E402
+from proxmo.encoder.cache import shared_cache_key  # noqa: E402
 from proxmo.encoder.model import LoadedModel, load_model  # noqa: E402
+from proxmo.encoder.prefetch import PREFETCH_CHUNK_TOKENS  # noqa: E402
 from proxmo.encoder.torch_backend import (  # noqa: E402
     TorchBackend,
     available_cores,

@@ -19,8 +19,8 @@ import json
 import time
 from collections.abc import Callable
 
-from proxmo.engine import Limits
 from proxmo.errors import LimitExceeded
+from proxmo.limits import Limits
 from proxmo.server.prescan import check_json_counts, check_wire_counts
 from proxmo_client.v1 import proxmo_pb2 as pb
 

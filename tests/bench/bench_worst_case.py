@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_server import batch_request  # noqa: E402
 from machine import cpu_model  # noqa: E402
-from proxmo.engine import Limits  # noqa: E402
+from proxmo.limits import Limits  # noqa: E402
 from proxmo_client.v1 import proxmo_pb2 as pb  # noqa: E402
 from support.proxmo_server import ProxmoServer  # noqa: E402
 

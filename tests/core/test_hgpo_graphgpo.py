@@ -1,4 +1,4 @@
-"""HGPO and GraphGPO (ALGORITHM.md section 4a): worked examples by hand, limits and config.
+"""HGPO and GraphGPO (docs/algorithm.md section 4a): worked examples by hand, limits and config.
 
 The batch of the worked examples, one group, gamma 0.95 (HGPO) / 0.1 (GraphGPO), lambda 0.1:
 

@@ -273,7 +273,7 @@ def test_scaling_rewards_scales_mean_outputs(
         )
 
 
-# --- numerical safety (ALGORITHM.md section 5a): extreme finite inputs within the ranges -------
+# --- numerical safety (docs/algorithm.md section 5a): extreme finite inputs within the ranges ----
 
 SUBNORMAL = 5e-324
 EXTREME_REWARDS = st.one_of(

@@ -1,6 +1,6 @@
 """PSA's kernel: stable for every tau > 0, blocked for large groups, equal to a direct softmax.
 
-ALGORITHM.md section 5a: the softmax subtracts the row maximum and is defined for every
+docs/algorithm.md section 5a: the softmax subtracts the row maximum and is defined for every
 tau > 0; as tau -> 0 it tends to equal weights over the most similar candidates, as
 tau -> inf to the group mean. Section 3: cost per group, and (issue 20) memory bounded by
 blocks of rows, never m x m for a large group.
@@ -117,7 +117,7 @@ def test_every_preset_answer_is_finite_for_every_tau(tau: float, scope: str) -> 
 
 
 def test_worked_examples_hold_through_the_stable_softmax() -> None:
-    # ALGORITHM.md section 6, PSA with TF-IDF: tau 0.1 and 0.01
+    # docs/algorithm.md section 6, PSA with TF-IDF: tau 0.1 and 0.01
     batch = _e7_batch()
     np.testing.assert_allclose(
         _psa(batch, 0.1)[0], [4.748818, 0.017333, -4.751182, -0.012622], atol=1e-6

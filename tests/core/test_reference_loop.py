@@ -1,6 +1,6 @@
 """The vectorized core against a slow, obviously-correct row-by-row loop (written here).
 
-The reference follows ALGORITHM.md literally: a Python loop per row over its candidates, the
+The reference follows docs/algorithm.md literally: a Python loop per row over its candidates, the
 softmax over rows (not distinct states), sklearn's TfidfVectorizer on every row's text, and
 plain statistics per group. Random batches of every preset and of random overrides must agree
 to 1e-9.

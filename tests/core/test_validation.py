@@ -96,6 +96,21 @@ def test_embeddings_of_different_sizes() -> None:
     assert "trajectories[0].steps[0]" in err.message
 
 
+def test_with_several_errors_the_first_in_request_order_is_named() -> None:
+    """Rewards are checked in one pass at the end; a later error must not hide an earlier one."""
+    trajs = _replace(0, rewards=[0.0, math.nan])
+    trajs[2] = TrajectoryInput(**{**trajs[2].__dict__, "trajectory_id": "a"})
+    assert _error(trajs).field == "trajectories[0].steps[1].reward"
+    trajs = _replace(1, rewards=[0.0, 2e15, 0.0], embeddings=[[0.1], [math.nan], [0.2]])
+    assert _error(trajs).field == "trajectories[1].steps[1].reward"  # before its embeddings
+    trajs = _replace(0, embeddings=[[0.1], [math.inf]])
+    trajs[1] = TrajectoryInput(**{**trajs[1].__dict__, "rewards": [math.nan] * 3})
+    assert _error(trajs).field == "trajectories[0].steps[1].state_embedding"
+    trajs = _replace(1, rewards=[0.0, 0.0, "x"])  # type: ignore[list-item]
+    trajs[0] = TrajectoryInput(**{**trajs[0].__dict__, "rewards": [-math.inf, 0.0]})
+    assert _error(trajs).field == "trajectories[0].steps[0].reward"
+
+
 def test_missing_embeddings_for_precomputed() -> None:
     trajs = _good()
     trajs[0] = TrajectoryInput(**{**trajs[0].__dict__, "embeddings": [[0.1, 0.2], [0.3, 0.4]]})

@@ -1,20 +1,30 @@
-"""Every worked example of ALGORITHM.md section 6 and proxmo-paper.md section 9 (E1-E10)."""
+"""Every worked example of docs/algorithm.md section 6, run from the page itself.
+
+Each example there is a heading `### E<n>. title` followed by a fenced `json` block with its
+inputs and expected numbers (the block format is described at the top of section 6). This file
+parses the section, runs every case of every block through the core and compares, so the page
+and the code cannot drift apart: a number changed on either side fails here, and so does a
+labelled example without a block (or a block without a label).
+"""
 
 from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from proxmo.core import (
     PRESETS,
-    Scope,
+    AdvantageResult,
     Similarity,
     StepBatch,
+    TrajectoryInput,
     apply_update,
-    beta_from_range,
-    compute_advantages,
     decay,
-    dense_features,
-    discounted_returns,
     group_success_rates,
     psc_weights,
     required_features,
@@ -24,511 +34,283 @@ from proxmo.core import (
     tfidf_features,
     uses_history,
 )
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from .helpers import run, traj
 
-BETA = 0.216395  # ALGORITHM.md's rounded default; the exact default is beta_from_range(0.05)
+ALGORITHM_DOC = Path(__file__).resolve().parents[2] / "docs" / "algorithm.md"
+DEFAULT_TOLERANCE = 1e-6
+# Keys of a case that merge with the block's defaults key by key instead of replacing them.
+MERGED_KEYS = ("config", "expect")
+
+Case = dict[str, Any]
 
 
-# --- E1: PSC weights ---------------------------------------------------------------------------
-
-E1_TABLE = [  # p, (w+, w-) for beta 0.216395, 0.1, 0.866
-    (0.0, (1.050000, 1.000000), (1.023106, 1.000000), (1.200097, 1.000000)),
-    (0.125, (1.030834, 0.999987), (1.014249, 0.999994), (1.123395, 0.999947)),
-    (0.25, (1.016976, 0.999789), (1.007845, 0.999902), (1.067936, 0.999154)),
-    (0.375, (1.008239, 0.998930), (1.003807, 0.999506), (1.032971, 0.995719)),
-    (0.5, (1.003380, 0.996620), (1.001562, 0.998438), (1.013527, 0.986473)),
-    (0.625, (1.001070, 0.991761), (1.000494, 0.996193), (1.004281, 0.967029)),
-    (0.75, (1.000211, 0.983024), (1.000098, 0.992155), (1.000846, 0.932064)),
-    (0.875, (1.000013, 0.969166), (1.000006, 0.985751), (1.000053, 0.876605)),
-    (1.0, (1.000000, 0.950000), (1.000000, 0.976894), (1.000000, 0.799903)),
-]
+def doc_section(text: str, number: str) -> str:
+    """The body of `## <number>. ...` up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(number)}\. .*?$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if match is None:
+        raise AssertionError(f"docs/algorithm.md has no section {number}")
+    return match.group(1)
 
 
-@pytest.mark.parametrize(("p", "w_default", "w_01", "w_0866"), E1_TABLE)
-def test_e1_psc_weight_table(
-    p: float,
-    w_default: tuple[float, float],
-    w_01: tuple[float, float],
-    w_0866: tuple[float, float],
-) -> None:
-    for beta, expected in ((BETA, w_default), (0.1, w_01), (0.866, w_0866)):
-        w_plus, w_minus = psc_weights(np.array([p]), 4.0, beta)
-        assert w_plus[0] == pytest.approx(expected[0], abs=1e-6)
-        assert w_minus[0] == pytest.approx(expected[1], abs=1e-6)
+def example_labels(section: str) -> list[str]:
+    """The labels of the `### E<n>.` headings, in order."""
+    return re.findall(r"^### (E\d+)\.", section, re.M)
 
 
-@pytest.mark.parametrize(
-    ("alpha", "expected"),
-    [
-        (1, [(1.03877, 0.98655), (1.02650, 0.97350), (1.01345, 0.96123)]),
-        (2, [(1.02965, 0.99662), (1.01345, 0.98655), (1.00338, 0.97035)]),
-        (4, [(1.01698, 0.99979), (1.00338, 0.99662), (1.00021, 0.98302)]),
-        (5, [(1.01278, 0.99995), (1.00169, 0.99831), (1.00005, 0.98722)]),
-        (8, [(1.00541, 1.00000), (1.00021, 0.99979), (1.00000, 0.99459)]),
-    ],
-)
-def test_e1_alpha_sweep(alpha: float, expected: list[tuple[float, float]]) -> None:
-    w_plus, w_minus = psc_weights(np.array([0.25, 0.5, 0.75]), alpha, BETA)
-    np.testing.assert_allclose(w_plus, [e[0] for e in expected], atol=5e-6)
-    np.testing.assert_allclose(w_minus, [e[1] for e in expected], atol=5e-6)
+def example_blocks(section: str) -> list[dict[str, Any]]:
+    """Every fenced json block of the section, parsed."""
+    return [json.loads(body) for body in re.findall(r"^```json\n(.*?)^```", section, re.M | re.S)]
 
 
-def test_default_beta_is_range_005() -> None:
-    cfg = resolve_config("paper")
-    assert cfg.psc_beta == pytest.approx(BETA, abs=1e-6)
-    assert cfg.psc_beta == beta_from_range(0.05)
-    assert resolve_config("paper", {"psc_range": 0.2}).psc_beta == pytest.approx(0.865581, abs=1e-6)
+def block_cases(block: dict[str, Any]) -> list[Case]:
+    """The block's cases, each with the block's defaults filled in (config and expect merge)."""
+    defaults = {k: v for k, v in block.items() if k not in ("example", "cases")}
+    cases: list[Case] = []
+    for own in block.get("cases", [{}]):
+        case = {**defaults, **own}
+        for key in MERGED_KEYS:
+            case[key] = {**defaults.get(key, {}), **own.get(key, {})}
+        cases.append(case)
+    return cases
 
 
-# --- E2-E4: modulated z-scores -------------------------------------------------------------------
+def _load() -> tuple[list[str], list[dict[str, Any]]]:
+    section = doc_section(ALGORITHM_DOC.read_text(encoding="utf-8"), "6")
+    return example_labels(section), example_blocks(section)
 
 
-def _episode_by_outcome(successes: int, preset_overrides: dict[str, object]) -> tuple[float, float]:
-    """One group of 8 one-step trajectories (R = 1 for the first `successes`)."""
-    trajs = [traj(f"t{i}", "g", ["s"], [1.0 if i < successes else 0.0]) for i in range(8)]
-    cfg = resolve_config("paper", {"similarity": "EXACT", **preset_overrides})
-    _, result = run(trajs, cfg)
-    episode = result.episode_advantages
-    return float(episode[0]), float(episode[-1])
+LABELS, BLOCKS = _load()
 
 
-@pytest.mark.parametrize(
-    ("successes", "overrides", "expected"),
-    [
-        (2, {}, (1.647686, -0.539946)),  # E2 z-score
-        (2, {"episode_normalization": "MEAN"}, (0.762732, -0.249947)),  # E2 mean-only
-        (2, {"psc_beta": 0.1}, (1.632892, -0.540008)),  # E2 beta 0.1
-        (6, {}, (0.540175, -1.592678)),  # E3
-        (1, {}, (2.551176, -0.353548)),  # E4 p = 0.125
-        (7, {}, (0.353557, -2.398557)),  # E4 p = 0.875
-        (0, {}, (0.0, 0.0)),  # all fail
-        (8, {}, (0.0, 0.0)),  # all succeed
-    ],
-)
-def test_e2_e4_modulated_episode(
-    successes: int, overrides: dict[str, object], expected: tuple[float, float]
-) -> None:
-    success_value, failure_value = _episode_by_outcome(successes, overrides)
-    if successes < 8:
-        assert failure_value == pytest.approx(expected[1], abs=1e-6)
-    if successes > 0:
-        assert success_value == pytest.approx(expected[0], abs=1e-6)
+def example_texts(section: str) -> dict[str, str]:
+    """Per label, the example's text without its json block."""
+    pieces = re.split(r"^### (E\d+)\.", section, flags=re.M)[1:]
+    return {
+        label: re.sub(r"^```json\n.*?^```", "", body, flags=re.M | re.S)
+        for label, body in zip(pieces[::2], pieces[1::2], strict=True)
+    }
 
 
-def test_e2_raw_z_scores_without_psc() -> None:
-    success_value, failure_value = _episode_by_outcome(2, {"psc_enabled": False})
-    assert (success_value, failure_value) == pytest.approx((1.620182, -0.540061), abs=1e-6)
+def block_numbers(block: dict[str, Any]) -> list[float]:
+    """Every number of a block, inputs and expectations, as absolute values."""
+    found: list[float] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append(abs(float(value)))
+
+    walk(block)
+    return found
 
 
-# --- E5: returns -----------------------------------------------------------------------------
+def example(label: str) -> dict[str, Any]:
+    """The json block of one example."""
+    return next(b for b in BLOCKS if b.get("example") == label)
 
 
-def test_e5_discounted_returns_and_invalid_penalty() -> None:
-    batch = StepBatch.from_trajectories(
-        [
-            traj("a", "g", ["s"] * 4, [0, 0, 0, 10]),
-            traj("b", "g", ["s"] * 4, [0, 0, 0, 10], invalid=[False, True, False, False]),
-        ]
+# --- running a case ----------------------------------------------------------------------------
+
+
+def _close(name: str, actual: Any, expected: Any, tolerance: float) -> None:
+    """Expected numbers within `tolerance` (absolute); strings and booleans exactly."""
+    if isinstance(expected, list) and expected and isinstance(expected[0], str):
+        assert [getattr(a, "value", a) for a in actual] == expected, name
+    elif isinstance(expected, (bool, str)):
+        assert getattr(actual, "value", actual) == expected, name
+    else:
+        np.testing.assert_allclose(
+            np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+            rtol=0, atol=tolerance, err_msg=name,
+        )
+
+
+def _trajectory(spec: dict[str, Any]) -> TrajectoryInput:
+    n = len(spec["states"])
+    return traj(
+        spec["id"], spec["group"], spec["states"], spec["rewards"],
+        invalid=[bool(v) for v in spec.get("invalid", [0] * n)],
+        success=spec.get("success"), task_id=spec.get("task", ""),
+        state_keys=spec.get("keys"), embeddings=spec.get("embeddings"),
     )
-    returns = discounted_returns(batch, 0.95, 0.1)
-    np.testing.assert_allclose(returns[:4], [8.57375, 9.025, 9.5, 10], atol=1e-12)
-    np.testing.assert_allclose(returns[4:], [8.57375, 8.925, 9.5, 10], atol=1e-12)
 
 
-def test_returns_gamma_zero_and_one() -> None:
-    batch = StepBatch.from_trajectories([traj("a", "g", ["s"] * 3, [1, 2, 3])])
-    np.testing.assert_allclose(discounted_returns(batch, 0.0, 0.1), [1, 2, 3])
-    np.testing.assert_allclose(discounted_returns(batch, 1.0, 0.1), [6, 5, 3])
+def _advantage_outputs(result: AdvantageResult) -> dict[str, Any]:
+    return {
+        "returns": result.returns,
+        "episode_advantages": result.episode_advantages,
+        "step_advantages": result.step_advantages,
+        "advantages": result.advantages,
+        "baselines": result.returns - result.step_advantages,  # PSA's B = G - A^S
+    }
 
 
-# --- E6: PSA by hand -------------------------------------------------------------------------
-
-
-def test_e6_psa_by_hand() -> None:
-    # x0 . x1 = 0.9, x0 . x2 = 0.2 (unit vectors)
-    vectors = np.array(
-        [[1.0, 0.0, 0.0], [0.9, np.sqrt(1 - 0.81), 0.0], [0.2, 0.0, np.sqrt(1 - 0.04)]]
+def _check_advantages(case: Case, tolerance: float) -> None:
+    cfg = resolve_config(case.get("preset", ""), case["config"])
+    rates = case.get("group_success_rate")
+    _, result = run(
+        [_trajectory(t) for t in case["trajectories"]], cfg,
+        group_success_rate=None if rates is None else np.asarray(rates, dtype=np.float64),
     )
-    trajs = [traj(f"t{i}", "g", [f"s{i}"], [r]) for i, r in enumerate([1.0, 0.0, 0.0])]
-    batch = StepBatch.from_trajectories(trajs)
-    cfg = resolve_config("paper", {"similarity": "ENCODER", "tau": 0.1, "gamma": 0.95})
-    features = dense_features(vectors, batch.row_state)
-    result = compute_advantages(batch, cfg, features=features)
-    assert result.step_advantages[0] == pytest.approx(0.269121, abs=1e-6)
-    weights = np.array([0.730879, 0.268875, 0.000245])
-    # row 0's effective neighbours 1 / sum_j W_0j^2 from the published weights
-    x0 = features.matrix[0]
-    logits = features.matrix @ x0 / 0.1
-    w = np.exp(logits - logits.max())
-    w /= w.sum()
-    np.testing.assert_allclose(w, weights, atol=1e-6)
+    outputs = _advantage_outputs(result)
+    for name, expected in case["expect"].items():
+        if name == "groups":
+            for field, values in expected.items():
+                _close(f"groups.{field}", getattr(result.groups, field), values, tolerance)
+        else:
+            _close(name, outputs[name], expected, tolerance)
 
 
-# --- E7: PSA with TF-IDF -----------------------------------------------------------------------
-
-E7_STATES = [
-    "You arrive at cabinet 1. The cabinet 1 is closed.",
-    "You open the cabinet 1. In it, you see a soapbar 1.",
-    "You arrive at cabinet 1. The cabinet 1 is closed.",
-    "You arrive at countertop 1. On the countertop 1, you see a apple 2.",
-]
-E7_RETURNS = [9.5, 10.0, 0.0, 0.0]
+def _check_psc_weights(case: Case, tolerance: float) -> None:
+    w_plus, w_minus = psc_weights(np.asarray(case["p"], dtype=np.float64), case["alpha"],
+                                  case["beta"])
+    actual = {"w_plus": w_plus, "w_minus": w_minus}
+    for name, expected in case["expect"].items():
+        _close(name, actual[name], expected, tolerance)
 
 
-def _e7(tau: float, extra: list[tuple[str, str, float]] | None = None) -> np.ndarray:
-    trajs = [
-        traj(f"r{i}", "g", [s], [g])
-        for i, (s, g) in enumerate(zip(E7_STATES, E7_RETURNS, strict=True))
-    ]
-    for name, group, g in extra or []:
-        trajs.append(traj(name, group, [E7_STATES[0]], [g]))
-    _, result = run(trajs, resolve_config("paper", {"tau": tau}))
-    return result.step_advantages
-
-
-def test_e7_psa_tfidf() -> None:
-    np.testing.assert_allclose(_e7(0.1), [4.748818, 0.017333, -4.751182, -0.012622], atol=1e-6)
-
-
-def test_e7_cosines_and_baselines() -> None:
+def _check_tfidf_cosine(case: Case, tolerance: float) -> None:
+    texts = case["texts"]
     batch = StepBatch.from_trajectories(
-        [
-            traj(f"r{i}", "g", [s], [g])
-            for i, (s, g) in enumerate(zip(E7_STATES, E7_RETURNS, strict=True))
-        ]
+        [traj(f"d{i}", "g", [text], [0.0]) for i, text in enumerate(texts)]
     )
     features = tfidf_features(batch)
-    assert features is not None
-    x = features.matrix[features.row_index].toarray()
-    sims = x @ x.T
-    assert sims[0, 1] == pytest.approx(0.313764, abs=1e-6)
-    assert sims[0, 3] == pytest.approx(0.267412, abs=1e-6)
-    assert sims[1, 3] == pytest.approx(0.264485, abs=1e-6)
-    baselines = np.array(E7_RETURNS) - _e7(0.1)
-    np.testing.assert_allclose(baselines, [4.751182, 9.982667, 4.751182, 0.012622], atol=1e-6)
+    assert features is not None, "empty vocabulary"
+    rows = features.matrix[features.row_index].toarray()
+    cosines = rows @ rows.T
+    for i, j, expected in case["expect"]["pairs"]:
+        _close(f"cosine({i}, {j})", cosines[i, j], expected, tolerance)
 
 
-def test_e7_tau_sweep() -> None:
-    np.testing.assert_allclose(_e7(0.01), [4.75, 0.0, -4.75, 0.0], atol=1e-6)
-    np.testing.assert_allclose(_e7(1.0), [4.629344, 4.053986, -4.870656, -3.834690], atol=1e-6)
-    # tau = 100: baseline "about 4.875" (the group mean); tau -> inf reaches it
-    np.testing.assert_allclose(np.array(E7_RETURNS) - _e7(100.0), 4.875, atol=1e-2)
-    np.testing.assert_allclose(np.array(E7_RETURNS) - _e7(1e7), 4.875, atol=1e-6)
-
-
-def test_e7_fifth_row_in_another_group() -> None:
-    advantages = _e7(0.1, extra=[("r4", "other", 10.0)])
-    assert advantages[4] == 0.0
-    np.testing.assert_allclose(advantages[:4], [4.74905, 0.014578, -4.75095, -0.010791], atol=1e-6)
-
-
-# --- E8: TF-IDF quirks ------------------------------------------------------------------------
-
-
-def test_e8_tfidf_quirks() -> None:
-    base = "You arrive at cabinet 1. The cabinet 1 is closed."
-    docs = [
-        base,
-        base.replace("1", "2"),
-        base.replace("1", "12"),
-        "The cabinet 1 is closed. You arrive at cabinet 1.",
-    ]
-    batch = StepBatch.from_trajectories(
-        [traj(f"d{i}", "g", [d], [0.0]) for i, d in enumerate(docs)]
+def _check_history(case: Case, tolerance: float) -> None:
+    previous = case["previous"]
+    updated = apply_update(
+        None if previous is None else (float(previous[0]), float(previous[1])),
+        case["successes"], case["trials"], rho=decay(case["half_life"]), prior=case["prior"],
     )
-    features = tfidf_features(batch)
-    assert features is not None
-    x = features.matrix[features.row_index].toarray()
-    sims = x @ x.T
-    assert sims[0, 1] == pytest.approx(1.0, abs=1e-7)  # single-character tokens are dropped
-    assert sims[0, 2] == pytest.approx(0.6364, abs=5e-5)
-    assert sims[0, 3] == pytest.approx(1.0, abs=1e-7)  # word order is ignored
-    reference = TfidfVectorizer(max_features=1024).fit_transform(docs).toarray()
-    assert (reference @ reference.T)[0, 2] == pytest.approx(sims[0, 2], abs=1e-7)
+    _close("updated", updated, case["expect"]["updated"], tolerance)
 
 
-# --- E9: full pipeline ------------------------------------------------------------------------
-
-E9_I = (
-    "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, "
-    "a countertop 1, a fridge 1."
-)
-E9_FR = "You arrive at fridge 1. The fridge 1 is closed."
-E9_FO = "You open the fridge 1. The fridge 1 is open. In it, you see a apple 1."
-E9_CT = "You arrive at countertop 1. On the countertop 1, you see a knife 1."
-E9_CB = "You arrive at cabinet 1. The cabinet 1 is closed."
+def _check_config(case: Case, tolerance: float) -> None:
+    similarity = Similarity[case.get("default_similarity", "TFIDF")]
+    cfg = resolve_config(case["preset"], case["config"], default_similarity=similarity)
+    for name, expected in case["expect"].items():
+        _close(name, getattr(cfg, name), expected, tolerance)
 
 
-def _e9(win: float) -> list:  # type: ignore[type-arg]
-    return [
-        traj("T1", "g", [E9_I, E9_FR, E9_FO], [0, 0, win]),
-        traj("T2", "g", [E9_I, E9_CT, E9_CB], [0, 0, 0]),
-        traj("T3", "g", [E9_I, E9_FR], [0, win]),
-        traj("T4", "g", [E9_I, E9_FR, E9_CT], [0, 0, 0]),
-    ]
+CHECKS: dict[str, Callable[[Case, float], None]] = {
+    "advantages": _check_advantages,
+    "psc_weights": _check_psc_weights,
+    "tfidf_cosine": _check_tfidf_cosine,
+    "history": _check_history,
+    "config": _check_config,
+}
 
 
-def test_e9a_paper_flavour() -> None:
-    _, result = run(_e9(1.0), resolve_config("paper"))
-    np.testing.assert_allclose(
-        result.returns, [0.9025, 0.95, 1, 0, 0, 0, 0.95, 1, 0, 0, 0], atol=1e-12
+def check_case(case: Case) -> None:
+    """Run one case and compare every expected number (AssertionError on a mismatch)."""
+    CHECKS[case["kind"]](case, float(case.get("tolerance", DEFAULT_TOLERANCE)))
+
+
+def _all_cases() -> Iterator[Any]:
+    for block in BLOCKS:
+        for index, case in enumerate(block_cases(block)):
+            yield pytest.param(case, id=f"{block.get('example')}-case{index}")
+
+
+@pytest.mark.parametrize("case", list(_all_cases()))
+def test_worked_example(case: Case) -> None:
+    check_case(case)
+
+
+# --- the page and the runner agree --------------------------------------------------------------
+
+
+def test_every_labelled_example_has_one_block_and_back() -> None:
+    block_labels = [b.get("example") for b in BLOCKS]
+    assert LABELS, "no worked examples found in docs/algorithm.md section 6"
+    assert len(set(LABELS)) == len(LABELS), f"duplicate labels: {LABELS}"
+    assert block_labels == LABELS, (
+        f"headings {LABELS} and json blocks {block_labels} must match one to one, in order"
     )
-    np.testing.assert_allclose(
-        result.step_advantages,
-        [
-            0.43965,
-            0.30409,
-            0.00422,
-            -0.46285,
-            -0.00248,
-            -0.0339,
-            0.48715,
-            0.35409,
-            -0.46285,
-            -0.64591,
-            -0.00248,
-        ],
-        atol=1e-5,
-    )
-    episode = result.episode_advantages
-    np.testing.assert_allclose(episode[[0, 6]], 0.86895, atol=1e-5)
-    np.testing.assert_allclose(episode[[3, 8]], -0.86310, atol=1e-5)
-    np.testing.assert_allclose(
-        result.advantages,
-        [
-            1.30860,
-            1.17305,
-            0.87317,
-            -1.32595,
-            -0.86557,
-            -0.89699,
-            1.35610,
-            1.22305,
-            -1.32595,
-            -1.50900,
-            -0.86557,
-        ],
-        atol=1e-5,
-    )
-    groups = result.groups
-    assert groups.success_rate[0] == 0.5
-    assert groups.weight_success[0] == pytest.approx(1.003380, abs=1e-6)
-    assert groups.weight_failure[0] == pytest.approx(0.996620, abs=1e-6)
-    assert groups.num_trajectories[0] == 4 and groups.num_steps[0] == 11
-    assert groups.num_successes[0] == 2
+    assert LABELS == [f"E{n}" for n in range(1, len(LABELS) + 1)], "labels must run E1, E2, ..."
 
 
-def test_e9a_mean_only() -> None:
-    _, result = run(_e9(1.0), resolve_config("paper", {"episode_normalization": "MEAN"}))
-    np.testing.assert_allclose(result.episode_advantages[[0, 3]], [0.50169, -0.49831], atol=1e-5)
-    np.testing.assert_allclose(
-        result.advantages,
-        [
-            0.94134,
-            0.80578,
-            0.50591,
-            -0.96116,
-            -0.50079,
-            -0.53221,
-            0.98884,
-            0.85578,
-            -0.96116,
-            -1.14422,
-            -0.50079,
-        ],
-        atol=1e-5,
-    )
+def test_numbers_in_the_text_are_numbers_of_the_block() -> None:
+    """A number written with 4+ decimals beside an example (a result quoted in its prose) must
+    be one of its block's numbers at the precision written, so prose and block cannot drift."""
+    section = doc_section(ALGORITHM_DOC.read_text(encoding="utf-8"), "6")
+    for label, text in example_texts(section).items():
+        numbers = block_numbers(example(label))
+        for written in re.findall(r"\d+\.\d{4,}", text):
+            half_unit = 0.5 * 10.0 ** -len(written.split(".")[1]) + 1e-12
+            assert any(abs(n - float(written)) <= half_unit for n in numbers), (
+                f"{label}: {written} in the text is not a number of its block"
+            )
 
 
-def test_e9b_released_code_flavour() -> None:
-    _, paper = run(_e9(1.0), resolve_config("paper"))
-    _, result = run(_e9(10.0), resolve_config("proxmo-rl"))
-    groups = result.groups
-    assert groups.success_rate[0] == 1.0  # clip(row mean 4.54545) saturates
-    assert groups.weight_success[0] == 1.0
-    assert groups.weight_failure[0] == pytest.approx(0.95, abs=1e-7)
-    np.testing.assert_allclose(result.episode_advantages[[0, 3]], [5.45455, -4.31818], atol=1e-5)
-    np.testing.assert_allclose(result.step_advantages, 10 * paper.step_advantages, atol=1e-9)
-    np.testing.assert_allclose(
-        result.advantages,
-        [
-            9.85104,
-            8.49549,
-            5.49678,
-            -8.94669,
-            -4.34295,
-            -4.65716,
-            10.32604,
-            8.99549,
-            -8.94669,
-            -10.77723,
-            -4.34295,
-        ],
-        atol=1e-5,
-    )
+def test_every_case_has_a_known_kind_and_expects_something() -> None:
+    for block in BLOCKS:
+        for case in block_cases(block):
+            label = block["example"]
+            assert case.get("kind") in CHECKS, f"{label}: unknown kind {case.get('kind')}"
+            assert case["expect"], f"{label}: a case without expected numbers"
 
 
-# --- E10: released-code p saturation ---------------------------------------------------------
+def _numbers(holder: Any) -> list[tuple[Any, Any]]:
+    """(container, key) of every number inside `holder`, depth first, in order."""
+    items = holder.items() if isinstance(holder, dict) else enumerate(holder)
+    found: list[tuple[Any, Any]] = []
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            found += _numbers(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append((holder, key))
+    return found
 
 
-def _e10() -> list:  # type: ignore[type-arg]
-    return [
-        traj("A", "g", ["a", "b"], [0, 10]),
-        traj("B", "g", ["a", "b", "c"], [0, 0, 0]),
-        traj("C", "g", ["a", "b", "c"], [0, 0, 0]),
-        traj("D", "g", ["a", "b"], [0, 10]),
-    ]
+def _perturbed(case: Case) -> Case:
+    """The case with its last expected number (a value, never a row index of a pair) moved by
+    1000 tolerances, and by at least 1e-3."""
+    broken: Case = json.loads(json.dumps(case))
+    numbers = _numbers(broken["expect"])
+    assert numbers, "no number to perturb"
+    holder, key = numbers[-1]
+    holder[key] += max(1000 * float(case.get("tolerance", DEFAULT_TOLERANCE)), 1e-3)
+    return broken
 
 
-def test_e10_row_mean_saturation() -> None:
-    cfg = resolve_config("proxmo-rl", {"similarity": "EXACT"})
-    _, result = run(_e10(), cfg)
-    assert result.groups.success_rate[0] == 1.0
-    np.testing.assert_allclose(
-        result.episode_advantages, [6, 6, -3.8, -3.8, -3.8, -3.8, -3.8, -3.8, 6, 6], atol=1e-9
-    )
-    cfg_std = resolve_config(
-        "proxmo-rl", {"similarity": "EXACT", "episode_normalization": "MEAN_STD"}
-    )
-    _, z = run(_e10(), cfg_std)
-    np.testing.assert_allclose(z.episode_advantages[[0, 2]], [1.161895, -0.735867], atol=1e-6)
-    # the trajectory-level view: p = 0.5, z = +-0.866 becomes +0.868953 / -0.863098
-    _, paper = run(_e10(), resolve_config("paper", {"similarity": "EXACT"}))
-    assert paper.groups.success_rate[0] == 0.5
-    np.testing.assert_allclose(paper.episode_advantages[[0, 2]], [0.868953, -0.863098], atol=1e-6)
+@pytest.mark.parametrize("kind", sorted(CHECKS))
+def test_a_wrong_number_in_the_page_fails(kind: str) -> None:
+    """The runner can fail: the first case of each kind, one expected number moved, must fail."""
+    case = next(c for b in BLOCKS for c in block_cases(b) if c["kind"] == kind)
+    check_case(case)
+    with pytest.raises(AssertionError):
+        check_case(_perturbed(case))
 
 
-def test_row_mean_single_row_group_uses_mu_zero() -> None:
-    """ALGORITHM.md section 2: ROW_MEAN's mu_g is 0 for a group of a single value, as in the
-    released code. A lone successful row (score 1) thus gets w+ for p = 0 (1.05 at the
-    defaults), not w+ for its raw mean p = 1 (1.0); its STEP-unit MEAN value is the raw score."""
-    cfg = resolve_config("proxmo-rl", {"similarity": "EXACT"})
-    trajs = [
-        traj("lone", "g1", ["s"], [1.0]),
-        traj("a", "g2", ["s", "t"], [0.0, 1.0]),  # one trajectory of two rows: mu = R = 1
-        traj("b", "g3", ["s"], [0.4]),
-        traj("c", "g3", ["s"], [1.0]),  # two single-row trajectories: mu = 0.7
-    ]
-    _, result = run(trajs, cfg)
-    np.testing.assert_array_equal(result.groups.success_rate, [0.0, 1.0, 0.7])
-    w_plus, _ = psc_weights(np.array([0.0]), cfg.psc_alpha, cfg.psc_beta)
-    assert w_plus[0] == pytest.approx(1.05, abs=1e-12)
-    assert result.episode_advantages[0] == pytest.approx(1.0 * w_plus[0], abs=1e-12)
-    assert result.groups.weight_success[0] == pytest.approx(1.05, abs=1e-12)
-    # the two-row group: p = 1, w+ = 1, and x - mu = 0 for both rows
-    np.testing.assert_allclose(result.episode_advantages[1:3], [0.0, 0.0], atol=1e-12)
+# E7's rows, read from the page (tests/core/test_psa_kernel.py runs them through its kernels).
+_E7_ROWS = example("E7")["trajectories"]
+E7_STATES = [row["states"][0] for row in _E7_ROWS]
+E7_RETURNS = [float(row["rewards"][0]) for row in _E7_ROWS]
 
 
-# --- Exact grouping, GiGPO, diagnostics ------------------------------------------------------
+# --- beyond the page: how the engine feeds the core ----------------------------------------------
 
 
-def test_exact_similarity_is_tau_zero_limit_of_e7() -> None:
-    trajs = [
-        traj(f"r{i}", "g", [s], [g])
-        for i, (s, g) in enumerate(zip(E7_STATES, E7_RETURNS, strict=True))
-    ]
-    _, result = run(trajs, resolve_config("paper", {"similarity": "EXACT"}))
-    np.testing.assert_allclose(result.step_advantages, [4.75, 0.0, -4.75, 0.0], atol=1e-12)
-    assert result.groups.singleton_fraction[0] == 0.5
-    assert result.groups.mean_effective_neighbors[0] == 1.5  # anchor sizes 2, 1, 2, 1
-
-
-def test_gigpo_mean_std_anchors_and_state_keys() -> None:
-    trajs = [
-        traj("a", "g", ["x", "y"], [0, 3], state_keys=["k1", ""]),
-        traj("b", "g", ["z", "y"], [0, 1], state_keys=["k1", ""]),
-        traj("c", "g", ["x", "w"], [0, 0], state_keys=["k2", ""]),
-    ]
-    cfg = resolve_config("gigpo", {"step_normalization": "MEAN_STD", "gamma": 1.0})
-    _, result = run(trajs, cfg)
-    # anchors: k1 = {a0 (G 3), b0 (G 1)}, "y" = {a1 (3), b1 (1)}, k2 and "w" singletons
-    std = np.std([3.0, 1.0], ddof=1)
-    expected = [1 / (std + 1e-6), 1 / (std + 1e-6), -1 / (std + 1e-6), -1 / (std + 1e-6), 0, 0]
-    np.testing.assert_allclose(result.step_advantages, expected, atol=1e-12)
-    assert result.groups.singleton_fraction[0] == pytest.approx(2 / 6)
-
-
-def test_same_step_scope_restricts_candidates() -> None:
-    # same state at t=0 and t=1: SAME_STEP keeps them apart, GROUP merges them
-    trajs = [
-        traj("a", "g", ["s", "s"], [0, 1]),
-        traj("b", "g", ["s", "u"], [0, 0]),
-    ]
-    group = resolve_config("paper", {"similarity": "EXACT", "gamma": 1.0})
-    same = resolve_config("paper", {"similarity": "EXACT", "gamma": 1.0, "scope": Scope.SAME_STEP})
-    _, r_group = run(trajs, group)
-    _, r_same = run(trajs, same)
-    # G = [1, 1, 0, 0]; GROUP anchor "s" = rows 0, 1, 2 (mean 2/3); SAME_STEP: t=0 rows 0, 2
-    np.testing.assert_allclose(r_group.step_advantages, [1 / 3, 1 / 3, -2 / 3, 0], atol=1e-12)
-    np.testing.assert_allclose(r_same.step_advantages, [0.5, 0.0, -0.5, 0.0], atol=1e-12)
-
-
-def test_grpo_and_rloo() -> None:
-    trajs = [traj(f"t{i}", "g", ["s", "s"], [0, r]) for i, r in enumerate([1.0, 0.0, 0.0, 3.0])]
-    trajs.append(traj("lone", "h", ["s"], [2.0]))
-    _, grpo = run(trajs, resolve_config("grpo"))
-    r = np.array([1.0, 0.0, 0.0, 3.0])
-    z = (r - r.mean()) / (r.std(ddof=1) + 1e-6)
-    np.testing.assert_allclose(grpo.advantages[:8], np.repeat(z, 2), atol=1e-12)
-    # a lone trajectory: mu = 0, sigma = 1, so (x - 0) / (1 + 1e-6), as verl computes it
-    assert grpo.advantages[8] == pytest.approx(2.0 / (1.0 + 1e-6), abs=1e-15)
-    assert not grpo.step_advantages.any()
-    assert grpo.groups.mean_effective_neighbors.tolist() == [0.0, 0.0]
-    _, rloo = run(trajs, resolve_config("rloo"))
-    loo = np.array([ri - np.delete(r, i).mean() for i, ri in enumerate(r)])
-    np.testing.assert_allclose(rloo.advantages[:8], np.repeat(loo, 2), atol=1e-12)
-    assert rloo.advantages[8] == 2.0
-    np.testing.assert_allclose(rloo.returns[:2], [0.95, 1.0])
-
-
-def test_empty_tfidf_vocabulary_gives_zero_step_term() -> None:
-    trajs = [traj("a", "g", ["1 2", "a"], [0, 1]), traj("b", "g", ["1", "!"], [0, 0])]
-    batch = StepBatch.from_trajectories(trajs)
-    assert tfidf_features(batch) is None
-    _, result = run(trajs, resolve_config("paper"))
-    assert not result.step_advantages.any()
-    assert result.groups.mean_effective_neighbors[0] == 0.0
-
-
-def test_history_math() -> None:
-    assert decay(1.0) == 0.5
-    assert decay(8.0) == pytest.approx(0.5 ** (1 / 8))
-    # a task's first batch: S = N = 0, so the prior shrinks it too (ALGORITHM.md section 2)
-    assert apply_update(None, 3, 8, rho=decay(8.0), prior=1.0) == (3.0, 8.0, 4 / 10)
-    assert apply_update(None, 3, 8, rho=decay(8.0), prior=0.0) == (3.0, 8.0, 3 / 8)
-    assert apply_update(None, 0, 1, rho=decay(8.0), prior=2.0)[2] == 2 / 5
-    s, n, p = apply_update((4.0, 8.0), 1, 8, rho=decay(1.0), prior=0.0)
-    assert (s, n, p) == (3.0, 12.0, 0.25)
-    assert apply_update((4.0, 8.0), 1, 8, rho=0.5, prior=1.0)[2] == pytest.approx(4 / 14)
+def test_success_rate_is_undefined_without_trials_or_prior() -> None:
     assert success_rate(3.0, 12.0, 1.0) == pytest.approx(4 / 14)
     assert np.isnan(success_rate(0.0, 0.0, 0.0))
 
 
-def test_history_rates_drive_psc() -> None:
-    trajs = [traj(f"t{i}", "g", ["s"], [1.0 if i < 2 else 0.0]) for i in range(8)]
-    cfg = resolve_config("proxmo", {"similarity": "EXACT"})
-    _, with_history = run(trajs, cfg, group_success_rate=np.array([0.75]))
-    assert with_history.groups.success_rate[0] == 0.75
-    assert with_history.groups.success_rate_source[0].value == "HISTORY"
-    z = 1.620182
-    w_plus, _ = psc_weights(np.array([0.75]), 4.0, cfg.psc_beta)
-    assert with_history.episode_advantages[0] == pytest.approx(z * w_plus[0], abs=1e-6)
-    _, fallback = run(trajs, cfg)
-    assert fallback.groups.success_rate[0] == 0.25
-    assert fallback.groups.success_rate_source[0].value == "BATCH"
-
-
-def test_encoder_default_tau() -> None:
-    cfg = resolve_config("proxmo", default_similarity=Similarity.ENCODER)
-    assert cfg.tau == 0.05 and cfg.similarity is Similarity.ENCODER
-    assert resolve_config("proxmo").tau == 0.1
-    assert resolve_config("paper", {"similarity": "ENCODER"}).tau == 0.1  # the preset sets it
-    assert resolve_config("gigpo", {"tau": 0.3}).tau == 0.3
-
-
 def test_task_batch_counts_and_group_rates() -> None:
+    """All of a batch's groups of one task are one update of that task (section 2)."""
     trajs = [
         traj("a", "g1", ["s"], [1.0], task_id="task"),
         traj("b", "g1", ["s"], [0.0], task_id="task"),
@@ -566,6 +348,3 @@ def test_every_preset_resolves_every_field() -> None:
         cfg = resolve_config(name)
         assert cfg.preset == name
         assert all(getattr(cfg, f) is not None for f in cfg.__dataclass_fields__)
-    assert resolve_config("").preset == "proxmo"
-    # explicit fields override the preset
-    assert resolve_config("gigpo", {"gamma": 0.5, "stats_unit": "TRAJECTORY"}).gamma == 0.5

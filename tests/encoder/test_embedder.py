@@ -20,7 +20,7 @@ from proxmo.core import (
 )
 from proxmo.core.config import Similarity
 from proxmo.encoder import Embedder, EncoderSettings, create_embedder
-from proxmo.encoder.embedder import shared_cache_key
+from proxmo.encoder.cache import shared_cache_key
 from proxmo.encoder.torch_backend import TorchBackend
 
 from .alfworld_states import alfworld_groups

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from proxmo.encoder.embedder import Embedder, queue_charge
+from proxmo.encoder import Embedder
+from proxmo.encoder.prefetch import queue_charge
 from proxmo.encoder.torch_backend import TorchBackend
 from proxmo.errors import DeadlineExceeded
 
@@ -99,8 +100,78 @@ def test_a_retry_encodes_only_what_is_left(cpu_backend: TorchBackend) -> None:
     run(go())
 
 
+def test_a_leaving_caller_does_not_leave_another_callers_text_to_the_background(
+    cpu_backend: TorchBackend,
+) -> None:
+    texts = distinct_states(3, seed=24)
+    longest = max(texts, key=len)  # in the caller's last piece: pieces go shortest first
+    reference = cpu_backend.encode([longest]).astype(np.float64)
+
+    async def go() -> None:
+        embedder, registry = make(cpu_backend, max_batch_tokens=PIECE_TOKENS)
+        first = asyncio.create_task(embedder.embed_detailed(texts))
+        await until(lambda: encoded(registry) > 0)  # the first piece is through
+        second = asyncio.create_task(embedder.embed_detailed([longest]))
+        await asyncio.sleep(0.05)  # the second caller awaits the first one's (unstarted) piece
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        result = await second
+        # It was encoded for the caller waiting for it, not after the whole background queue
+        # (shortest first, the longest text comes last), and only once.
+        assert cached(embedder, texts) < len(texts)
+        assert result.encoded == 0
+        np.testing.assert_allclose(result.vectors, reference, atol=EMBED_ATOL)
+        await until(lambda: value(registry, "proxmo_encoder_prefetch_queue") == 0)
+        assert encoded(registry) == len(texts) == cached(embedder, texts)
+        await embedder.close()
+
+    run(go())
+
+
+def test_a_caller_waiting_for_a_background_chunk_is_not_queued_behind_later_callers(
+    cpu_backend: TorchBackend,
+) -> None:
+    busy = distinct_states(1, seed=25)  # keeps the worker busy while the chunk is submitted
+    later = distinct_states(3, seed=26)  # a caller arriving after the chunk: several pieces
+    hint = [f"You arrive at shelf {i}. On the shelf {i}, you see a vase {i}." for i in range(4)]
+
+    async def go() -> None:
+        embedder, registry = make(cpu_backend, max_batch_tokens=PIECE_TOKENS)
+        first = asyncio.create_task(embedder.embed(busy))
+        await embedder.prefetch(hint)
+        await asyncio.sleep(0.005)  # the chunk waits on the worker's queue, as background work
+        after = asyncio.create_task(embedder.embed(later))
+        await asyncio.sleep(0.005)
+        result = await embedder.embed_detailed(hint[:1])  # awaits the chunk
+        assert result.encoded == 0
+        # Awaited by a caller, the chunk ran in its place, not after every later caller.
+        assert not after.done()
+        await asyncio.gather(first, after)
+        assert encoded(registry) == len({*busy, *later, *hint})  # each text once
+        await embedder.close()
+
+    run(go())
+
+
+def test_closing_fails_a_call_whose_piece_is_on_the_worker(cpu_backend: TorchBackend) -> None:
+    texts = distinct_states(3, seed=27)
+
+    async def go() -> None:
+        embedder, registry = make(cpu_backend, max_batch_tokens=PIECE_TOKENS)
+        call = asyncio.create_task(embedder.embed_detailed(texts))
+        await until(lambda: encoded(registry) > 0)  # the next piece is on the worker now
+        await embedder.close()
+        with pytest.raises(RuntimeError, match="the encoder is closed"):
+            await asyncio.wait_for(call, timeout=30)  # told, not left waiting
+
+    run(go())
+
+
 def test_a_near_deadline_is_answered_with_how_far_encoding_got(cpu_backend: TorchBackend) -> None:
-    texts = distinct_states(12, seed=23)
+    # 634 texts: about 6 s on one thread of this 2-vCPU machine, so a 2 s deadline always cuts
+    # the call short (221 texts took 1.7-2.4 s: the deadline then raced the encoder).
+    texts = distinct_states(36, seed=23)
 
     async def go() -> None:
         embedder, registry = make(cpu_backend, max_batch_tokens=PIECE_TOKENS)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from proxmo.encoder.embedder import shared_cache_key
+from proxmo.encoder.cache import shared_cache_key
 from proxmo_client.v1 import proxmo_pb2 as pb
 from support.proxmo_server import ProxmoServer
 from support.redis_server import delete_namespace

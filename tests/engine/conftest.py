@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import pytest
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine, Limits
+from proxmo.engine import Engine
+from proxmo.limits import Limits
 from proxmo.store.memory import MemoryStore
 from proxmo_client.v1 import proxmo_pb2 as pb
 

@@ -1,12 +1,13 @@
-"""The answer-size check (``Limits.max_response_bytes``) bounds the real answer from above:
+"""The answer-size check (``Limits.max_message_bytes``) bounds the real answer from above:
 with the limit set to the real answer's size it passes, one byte of id more and it refuses."""
 
 from __future__ import annotations
 
 import pytest
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine, Limits, check_limits
+from proxmo.engine import Engine, check_limits
 from proxmo.errors import LimitExceeded
+from proxmo.limits import Limits
 from proxmo.store.memory import MemoryStore
 from proxmo_client.v1 import proxmo_pb2 as pb
 
@@ -39,6 +40,6 @@ def test_the_bound_is_never_below_the_real_answer(preset: str, groups: int, step
     finally:
         engine.close()
     with pytest.raises(LimitExceeded, match="the answer would take up to"):
-        check_limits(request, Limits(max_response_bytes=size - 1))
+        check_limits(request, Limits(max_message_bytes=size - 1))
     # The bound is close: within a few percent plus the fixed part.
-    check_limits(request, Limits(max_response_bytes=int(size * 1.3) + 1024))
+    check_limits(request, Limits(max_message_bytes=int(size * 1.3) + 1024))

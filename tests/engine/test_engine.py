@@ -16,8 +16,9 @@ from proxmo.core.batch import StepBatch
 from proxmo.core.config import Similarity, resolve_config
 from proxmo.core.estimators import compute_advantages
 from proxmo.core.tfidf import tfidf_features
-from proxmo.engine import Engine, Limits
+from proxmo.engine import Engine
 from proxmo.errors import DeadlineExceeded, LimitExceeded
+from proxmo.limits import Limits
 from proxmo.store.memory import MemoryStore
 from proxmo.store.redis import RedisStore
 from proxmo_client.v1 import proxmo_pb2 as pb

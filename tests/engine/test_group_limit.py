@@ -6,8 +6,9 @@ import time
 
 import pytest
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine, Limits
+from proxmo.engine import Engine
 from proxmo.errors import LimitExceeded
+from proxmo.limits import Limits
 from proxmo.server.config import load_settings
 from proxmo.store.memory import MemoryStore
 from proxmo_client.v1 import proxmo_pb2 as pb
@@ -57,10 +58,11 @@ def _compute(
 
 def test_default_and_settings() -> None:
     assert Limits().max_group_distinct_states == 1024
-    assert load_settings([]).max_group_distinct_states == 1024
-    assert load_settings(["--max-group-distinct-states", "64"]).max_group_distinct_states == 64
+    assert load_settings([]).limits.max_group_distinct_states == 1024
+    flag = load_settings(["--max-group-distinct-states", "64"])
+    assert flag.limits.max_group_distinct_states == 64
     from_env = load_settings([], environ={"PROXMO_MAX_GROUP_DISTINCT_STATES": "9"})
-    assert from_env.max_group_distinct_states == 9
+    assert from_env.limits.max_group_distinct_states == 9
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""ALGORITHM.md section 5a at the engine: accepted ranges, and the last guard against a
+"""docs/algorithm.md section 5a at the engine: accepted ranges, and the last guard against a
 non-finite answer (INTERNAL, logged with the request id, counted, nothing stored).
 
 Validation keeps every accepted request finite, so the guard can only be reached through a bug.
@@ -140,7 +140,7 @@ def test_rewards_beyond_the_range_are_invalid(engine: Engine, reward: float, fie
 
 
 def test_history_prior_shrinks_a_tasks_first_batch(engine: Engine, store: MemoryStore) -> None:
-    """ALGORITHM.md section 2: no stored history means S = N = 0, so p = (S_b + a)/(N_b + 2a)."""
+    """docs/algorithm.md section 2: no stored history: S = N = 0, so p = (S_b + a)/(N_b + 2a)."""
     request = group_request(request_id="prior-1", preset="proxmo",
                             groups=(("g0", (True, True, True, False)),),
                             similarity=pb.SIMILARITY_TFIDF, history_prior=1.0)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from proxmo.core.config import PRESETS, Similarity
-from proxmo.engine import Engine, Limits
+from proxmo.engine import Engine
 from proxmo.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -22,6 +22,7 @@ from proxmo.errors import (
     Overloaded,
     ProxmoError,
 )
+from proxmo.limits import Limits
 from proxmo.server.config import SettingsError, load_settings
 from proxmo.store.memory import MemoryStore
 from proxmo.workers import WorkerLost
@@ -247,7 +248,10 @@ def test_a_killed_worker_fails_only_its_request_and_the_pool_comes_back() -> Non
         assert engine.pool is not None
         [pid] = engine.pool.pids()
         task = asyncio.create_task(engine.compute(slow))
-        await asyncio.sleep(0.05)  # the request is on the worker now
+        # Wait until the call is on the worker: a fixed sleep raced the parent's own checks on
+        # a loaded machine (the worker, killed while idle, was replaced; the call succeeded).
+        while engine.pool.idle_workers():
+            await asyncio.sleep(0.01)
         os.kill(pid, signal.SIGKILL)
         try:
             await task

@@ -139,7 +139,7 @@ def many_groups_request(groups: int, steps: int) -> pb.ComputeAdvantagesRequest:
     return request
 
 
-# --- corners (ALGORITHM.md section 5a): extreme finite values, at and beyond every bound --------
+# --- corners (docs/algorithm.md section 5a): extreme finite values, at and beyond every bound -----
 
 SUBNORMAL = 5e-324
 MAX_ABS_REWARD = 1e15  # the service's accepted ranges (docs/server.md "Accepted value ranges")

@@ -89,7 +89,7 @@ def test_fuzz_both_doors(fuzz_server: ServerProcess, http: httpx.Client) -> None
 
 
 def test_fuzz_corners_both_doors(fuzz_server: ServerProcess, http: httpx.Client) -> None:
-    """ALGORITHM.md section 5a at the corners (fuzzing.edge_requests): a request whose every
+    """docs/algorithm.md section 5a at the corners (fuzzing.edge_requests): a request whose every
     value is within its accepted range is answered OK on both doors, finite and shaped like
     it, however extreme (+-1e15 rewards, subnormals, -0.0, tau 5e-324 or 1e308, groups of one,
     1000-step trajectories); one value beyond its bound is refused on both doors with

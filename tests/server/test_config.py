@@ -13,7 +13,7 @@ def test_embedded_defaults_serve_a_bare_machine() -> None:
     assert (s.host, s.grpc_port, s.http_port) == ("0.0.0.0", 50051, 8000)
     assert s.redis_url == ""  # in-memory store
     assert s.similarity == "auto" and s.encoder_backend == "auto"
-    assert s.max_message_bytes == 64 * 1024 * 1024
+    assert s.limits.max_message_bytes == 64 * 1024 * 1024
     assert s.grace_period_s == 20.0
 
 
@@ -85,3 +85,22 @@ def test_describe_masks_secrets() -> None:
 )
 def test_mask_secret(value: str, shown: str) -> None:
     assert mask_secret(value) == shown
+
+
+def test_each_limit_is_one_setting_and_one_server_info_field() -> None:
+    """A limit is defined once (proxmo.limits.Limits): that makes it a setting of its own name
+    (flag, environment, file) and a field of GetServerInfo's limits."""
+    from dataclasses import fields
+
+    from proxmo.limits import Limits
+    from proxmo.server.runtime import limits_to_proto
+    from proxmo_client.v1 import proxmo_pb2 as pb
+
+    names = [f.name for f in fields(Limits)]
+    assert {f.name for f in pb.Limits.DESCRIPTOR.fields} == {*names, "max_concurrency"}
+    flags = [arg for name in names for arg in (f"--{name.replace('_', '-')}", "7")]
+    assert load_settings(flags, {}).limits == Limits(**dict.fromkeys(names, 7))
+    env = {f"PROXMO_{name.upper()}": "8" for name in names}
+    assert load_settings([], env).limits == Limits(**dict.fromkeys(names, 8))
+    proto = limits_to_proto(Limits(**dict.fromkeys(names, 9)), max_concurrency=3)
+    assert proto == pb.Limits(max_concurrency=3, **dict.fromkeys(names, 9))

@@ -84,6 +84,15 @@ def test_history_is_kept_and_read_back(server: ServerProcess) -> None:
     assert [t.task_id for t in page2.tasks] == [f"{prefix}-1"]
 
 
+def test_a_store_refusal_is_invalid_argument_naming_the_field(server: ServerProcess) -> None:
+    """The store's own checks (the core's ValidationError) answer like any bad field."""
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.GetSuccessRates(pb.GetSuccessRatesRequest(page_token="not-a-token"),
+                                    timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("page_token: ")
+
+
 def test_reset_success_rates(server: ServerProcess) -> None:
     prefix = unique("reset")
     server.stub.ComputeAdvantages(make_request(task_prefix=prefix), timeout=30)

@@ -1,4 +1,4 @@
-"""ALGORITHM.md section 5a at a real server: a non-finite result is never answered OK. It fails
+"""docs/algorithm.md section 5a at a real server: a non-finite result is never answered OK. It fails
 as INTERNAL on both doors, is logged at ERROR with its request id, counts in
 ``proxmo_nonfinite_results_total``, and stores nothing (HISTORY). Accepted inputs cannot reach
 it, so the server runs with a fault injected by Python's startup hook (``fault_injection/``)

@@ -65,6 +65,12 @@ def test_tasks_and_resets(server: ServerProcess) -> None:
     left = httpx.get(f"{server.http_url}/v1/tasks", params={"prefix": prefix}, timeout=5)
     assert [t["taskId"] for t in left.json()["tasks"]] == [f"{prefix}-0", f"{prefix}-2"]
 
+    refused = httpx.get(f"{server.http_url}/v1/tasks", params={"page_token": "not-a-token"},
+                        timeout=5)  # the store's own check
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "INVALID_ARGUMENT"
+    assert refused.json()["error"]["field"] == "page_token"
+
 
 def test_reset_all_and_auth_token(start_server: StartServer) -> None:
     guarded = start_server("--auth-token", "s3cret", "--admin-token", "adm1n")

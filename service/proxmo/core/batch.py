@@ -6,12 +6,13 @@ traj_offsets[i]:traj_offsets[i+1]. Groups are numbered by first appearance.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-# |r_t| <= MAX_ABS_REWARD keeps every output finite (ALGORITHM.md section 5a). With gamma <= 1
+# |r_t| <= MAX_ABS_REWARD keeps every output finite (docs/algorithm.md section 5a). With gamma <= 1
 # a return is at most T * 1e15 in size (plus the penalty, <= 1e15); for T = 1000 steps that is
 # 1e18. The largest intermediate is a group's sum of squared deviations, n * (2 * T * 1e15)^2:
 # for n = 4096 trajectories of 1000 steps 1.6e40, and even for a billion rows of a billion steps
@@ -128,164 +129,181 @@ class StepBatch:
         rewards finite and within +-MAX_ABS_REWARD; embeddings finite, within
         +-MAX_ABS_EMBEDDING and all of one size.
         """
-        if len(trajs) == 0:
-            raise ValidationError("trajectories", "at least one trajectory is required")
-        first_index: dict[str, int] = {}
-        group_index: dict[str, int] = {}
-        group_first_traj: list[int] = []
-        group_task: list[str] = []
-        traj_group: list[int] = []
-        success: list[int] = []
-        state_index: dict[str, int] = {}
-        key_index: dict[str, int] = {}
-        lengths: list[int] = []
-        reward_parts: list[np.ndarray] = []
-        invalid_parts: list[np.ndarray] = []
-        row_state: list[int] = []
-        row_key: list[int] = []
-        embedding_parts: list[np.ndarray | None] = []
-        has_embedding_parts: list[tuple[int, np.ndarray]] = []
-        embedding_dim: int | None = None
-        embedding_origin = ""
+        return _build_columns(trajs, _validate(trajs))
 
+
+@dataclass(frozen=True)
+class _Validated:
+    """What validation learnt on the way: the group table and the per-step values it had to
+    convert to check them."""
+
+    traj_group: list[int]  # [n_traj] group index, groups numbered by first appearance
+    group_ids: tuple[str, ...]
+    group_task: tuple[str, ...]
+    rewards: np.ndarray  # float64[n_rows]
+    invalid: list[np.ndarray]  # bool[T_i] per trajectory
+    embeddings: list[np.ndarray | None]  # float64[T_i, d] (zero rows where absent) or None
+    has_embedding: list[np.ndarray | None]  # bool[T_i], None where no step carries one
+
+
+def _validate(trajs: Sequence[TrajectoryInput]) -> _Validated:
+    """Checks every field, trajectory by trajectory, so that the first bad one is named.
+
+    Reward values are checked in one pass over all rows at the end (not one numpy call per
+    trajectory); an error found before then gives way to a bad reward earlier in the request,
+    the one a step-by-step check would have met first.
+    """
+    if len(trajs) == 0:
+        raise ValidationError("trajectories", "at least one trajectory is required")
+    first_index: dict[str, int] = {}
+    groups: dict[str, tuple[int, str, int]] = {}  # group_id -> (index, task, first trajectory)
+    traj_group: list[int] = []
+    rewards: list[np.ndarray] = []
+    invalid: list[np.ndarray] = []
+    embeddings: list[np.ndarray | None] = []
+    has_embedding: list[np.ndarray | None] = []
+    embedding_size: tuple[int, str] | None = None  # (size, the step that set it)
+    try:
         for i, traj in enumerate(trajs):
             where = f"trajectories[{i}]"
-            tid = traj.trajectory_id
-            if not tid:
-                raise ValidationError(f"{where}.trajectory_id", "must not be empty")
-            if tid in first_index:
-                raise ValidationError(
-                    f"{where}.trajectory_id",
-                    f"duplicate {echo(tid)} (also trajectories[{first_index[tid]}])",
-                )
-            first_index[tid] = i
-            if not traj.group_id:
-                raise ValidationError(f"{where}.group_id", "must not be empty")
-            task = traj.task_id or traj.group_id
-            g = group_index.get(traj.group_id)
-            if g is None:
-                g = group_index[traj.group_id] = len(group_task)
-                group_task.append(task)
-                group_first_traj.append(i)
-            elif group_task[g] != task:
-                raise ValidationError(
-                    f"{where}.task_id",
-                    f"group {echo(traj.group_id)} has task_id {echo(group_task[g])} "
-                    f"(trajectories[{group_first_traj[g]}]), got {echo(task)}",
-                )
-            traj_group.append(g)
-            success.append(-1 if traj.success is None else int(bool(traj.success)))
-
-            n_steps = len(traj.states)
-            if n_steps == 0:
-                raise ValidationError(f"{where}.steps", "a trajectory needs at least one step")
-            _check_length(f"{where}.rewards", traj.rewards, n_steps)
-            _check_length(f"{where}.invalid", traj.invalid, n_steps)
-            if traj.state_keys is not None:
-                _check_length(f"{where}.state_keys", traj.state_keys, n_steps)
+            _check_trajectory_id(traj.trajectory_id, where, first_index, i)
+            traj_group.append(_group_of(traj, where, groups, i))
+            n_steps = _check_lengths(traj, where)
+            rewards.append(_as_float_array(traj.rewards, f"{where}.steps[0].reward"))
+            invalid.append(np.asarray(traj.invalid, dtype=bool).reshape(n_steps))
+            block, present = None, None
             if traj.embeddings is not None:
-                _check_length(f"{where}.embeddings", traj.embeddings, n_steps)
+                block, present = _embedding_block(traj.embeddings, where)
+                if present.any():
+                    embedding_size = _check_embeddings(block, present, where, embedding_size)
+                else:
+                    block, present = None, None
+            embeddings.append(block)
+            has_embedding.append(present)
+    except Exception:
+        if (earlier := _reward_error(rewards)) is not None:
+            raise earlier from None
+        raise
+    if (error := _reward_error(rewards)) is not None:
+        raise error
+    return _Validated(
+        traj_group=traj_group,
+        group_ids=tuple(groups),
+        group_task=tuple(task for _, task, _ in groups.values()),
+        rewards=np.concatenate(rewards),
+        invalid=invalid,
+        embeddings=embeddings,
+        has_embedding=has_embedding,
+    )
 
-            rewards = _as_float_array(traj.rewards, f"{where}.steps[0].reward")
-            _check_rewards(rewards, where)
-            reward_parts.append(rewards)
-            invalid_parts.append(np.asarray(traj.invalid, dtype=bool).reshape(n_steps))
-            lengths.append(n_steps)
 
-            states = [state_index.setdefault(text, len(state_index)) for text in traj.states]
-            row_state.extend(states)
-            keys = traj.state_keys
-            if keys is None:
-                row_key.extend(states)
-            else:
-                # keyed rows are coded -1 - key id, shifted past the state ids at the end
-                row_key.extend(
-                    -1 - key_index.setdefault(k, len(key_index)) if k else s
-                    for k, s in zip(keys, states, strict=True)
-                )
+def _build_columns(trajs: Sequence[TrajectoryInput], checked: _Validated) -> StepBatch:
+    """The columns of a validated batch (raises nothing)."""
+    n_traj = len(trajs)
+    lengths = np.fromiter((len(t.states) for t in trajs), dtype=np.int64, count=n_traj)
+    offsets = np.zeros(n_traj + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    n_rows = int(offsets[-1])
+    row_traj = np.repeat(np.arange(n_traj, dtype=np.int64), lengths)
+    row_t = np.arange(n_rows, dtype=np.int64) - offsets[row_traj]
 
-            if traj.embeddings is None:
-                embedding_parts.append(None)
-                continue
-            block, present = _embedding_block(traj.embeddings, where)
-            if not present.any():
-                embedding_parts.append(None)
-                continue
-            t0 = int(np.flatnonzero(present)[0])
-            if embedding_dim is None:
-                embedding_dim, embedding_origin = block.shape[1], f"{where}.steps[{t0}]"
-            elif block.shape[1] != embedding_dim:
-                raise ValidationError(
-                    f"{where}.steps[{t0}].state_embedding",
-                    f"has size {block.shape[1]}, expected {embedding_dim} "
-                    f"(the size of {embedding_origin}.state_embedding)",
-                )
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                t = int(np.flatnonzero(~finite)[0])
-                raise ValidationError(
-                    f"{where}.steps[{t}].state_embedding", "must be finite (found nan or inf)"
-                )
-            in_range = (np.abs(block) <= MAX_ABS_EMBEDDING).all(axis=1)
-            if not in_range.all():
-                t = int(np.flatnonzero(~in_range)[0])
-                raise ValidationError(
-                    f"{where}.steps[{t}].state_embedding",
-                    f"values must be within +-{MAX_ABS_EMBEDDING:g}, "
-                    f"got {float(np.abs(block[t]).max())}",
-                )
-            embedding_parts.append(block)
-            has_embedding_parts.append((i, present))
+    texts = list(itertools.chain.from_iterable(t.states for t in trajs))
+    state_ids = {text: k for k, text in enumerate(dict.fromkeys(texts))}
+    row_state = np.fromiter(map(state_ids.__getitem__, texts), dtype=np.int64, count=n_rows)
 
-        n_traj = len(trajs)
-        lengths_arr = np.asarray(lengths, dtype=np.int64)
-        offsets = np.zeros(n_traj + 1, dtype=np.int64)
-        np.cumsum(lengths_arr, out=offsets[1:])
-        n_rows = int(offsets[-1])
-        row_traj = np.repeat(np.arange(n_traj, dtype=np.int64), lengths_arr)
-        row_t = np.arange(n_rows, dtype=np.int64) - offsets[row_traj]
-
-        has_embedding = np.zeros(n_rows, dtype=bool)
-        for i, present in has_embedding_parts:
+    has_embedding = np.zeros(n_rows, dtype=bool)
+    for i, present in enumerate(checked.has_embedding):
+        if present is not None:
             has_embedding[offsets[i] : offsets[i + 1]] = present
-        embeddings: np.ndarray | None = None
-        if embedding_dim is not None and bool(has_embedding.all()):
-            # every part is present here, so each is a full [T_i, d] block
-            embeddings = np.concatenate([p for p in embedding_parts if p is not None])
+    embeddings: np.ndarray | None = None
+    if bool(has_embedding.all()):
+        # every part is present here, so each is a full [T_i, d] block
+        embeddings = np.concatenate([b for b in checked.embeddings if b is not None])
 
-        return StepBatch(
-            rewards=np.concatenate(reward_parts),
-            invalid=np.concatenate(invalid_parts),
-            row_traj=row_traj,
-            row_t=row_t,
-            traj_offsets=offsets,
-            traj_group=np.asarray(traj_group, dtype=np.int64),
-            success=np.asarray(success, dtype=np.int8),
-            group_ids=tuple(group_index),
-            group_task=tuple(group_task),
-            trajectory_ids=tuple(t.trajectory_id for t in trajs),
-            row_state=np.asarray(row_state, dtype=np.int64),
-            states=tuple(state_index),
-            row_key=_shift_keys(np.asarray(row_key, dtype=np.int64), len(state_index)),
-            embeddings=embeddings,
-            row_has_embedding=has_embedding,
+    return StepBatch(
+        rewards=checked.rewards,
+        invalid=np.concatenate(checked.invalid),
+        row_traj=row_traj,
+        row_t=row_t,
+        traj_offsets=offsets,
+        traj_group=np.asarray(checked.traj_group, dtype=np.int64),
+        success=np.fromiter(
+            (-1 if t.success is None else int(bool(t.success)) for t in trajs),
+            dtype=np.int8,
+            count=n_traj,
+        ),
+        group_ids=checked.group_ids,
+        group_task=checked.group_task,
+        trajectory_ids=tuple(t.trajectory_id for t in trajs),
+        row_state=row_state,
+        states=tuple(state_ids),
+        row_key=_row_keys(trajs, row_state, len(state_ids)),
+        embeddings=embeddings,
+        row_has_embedding=has_embedding,
+    )
+
+
+def _row_keys(trajs: Sequence[TrajectoryInput], row_state: np.ndarray, n_states: int) -> np.ndarray:
+    """Exact-identity ids: the state id for rows without a state_key, n_states + key id (keys
+    numbered by first appearance) for rows with one."""
+    if all(t.state_keys is None for t in trajs):
+        return row_state.copy()
+    keys = list(itertools.chain.from_iterable(
+        itertools.repeat("", len(t.states)) if t.state_keys is None else t.state_keys
+        for t in trajs
+    ))  # fmt: skip
+    key_ids = {key: k for k, key in enumerate(dict.fromkeys(key for key in keys if key))}
+    key_id = np.fromiter(
+        map(key_ids.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys)
+    )
+    keyed: np.ndarray = np.where(key_id >= 0, n_states + key_id, row_state)
+    return keyed
+
+
+def _check_trajectory_id(tid: str, where: str, first_index: dict[str, int], i: int) -> None:
+    if not tid:
+        raise ValidationError(f"{where}.trajectory_id", "must not be empty")
+    if tid in first_index:
+        raise ValidationError(
+            f"{where}.trajectory_id",
+            f"duplicate {echo(tid)} (also trajectories[{first_index[tid]}])",
         )
+    first_index[tid] = i
 
 
-def _shift_keys(raw: np.ndarray, n_states: int) -> np.ndarray:
-    """Exact-identity ids: a state id for rows without state_key, n_states + key id with one."""
-    shifted: np.ndarray = np.where(raw >= 0, raw, n_states - 1 - raw)
-    return shifted
+def _group_of(
+    traj: TrajectoryInput, where: str, groups: dict[str, tuple[int, str, int]], i: int
+) -> int:
+    """The trajectory's group index (a new group is numbered next); one task_id per group."""
+    if not traj.group_id:
+        raise ValidationError(f"{where}.group_id", "must not be empty")
+    task = traj.task_id or traj.group_id
+    known = groups.get(traj.group_id)
+    if known is None:
+        groups[traj.group_id] = (len(groups), task, i)
+        return len(groups) - 1
+    g, group_task, first = known
+    if group_task != task:
+        raise ValidationError(
+            f"{where}.task_id",
+            f"group {echo(traj.group_id)} has task_id {echo(group_task)} "
+            f"(trajectories[{first}]), got {echo(task)}",
+        )
+    return g
 
 
-def _check_rewards(rewards: np.ndarray, where: str) -> None:
-    """Every reward finite and |r| <= MAX_ABS_REWARD, else ValidationError naming the step."""
-    bad = np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))  # NaN compares False
-    if bad.size:
-        t = int(bad[0])
-        reason = "must be finite" if not np.isfinite(rewards[t]) else (
-            f"must be within +-{MAX_ABS_REWARD:g}")
-        raise ValidationError(f"{where}.steps[{t}].reward", f"{reason}, got {rewards[t]}")
+def _check_lengths(traj: TrajectoryInput, where: str) -> int:
+    """The number of steps: at least one, and every per-step sequence that long."""
+    n_steps = len(traj.states)
+    if n_steps == 0:
+        raise ValidationError(f"{where}.steps", "a trajectory needs at least one step")
+    _check_length(f"{where}.rewards", traj.rewards, n_steps)
+    _check_length(f"{where}.invalid", traj.invalid, n_steps)
+    if traj.state_keys is not None:
+        _check_length(f"{where}.state_keys", traj.state_keys, n_steps)
+    if traj.embeddings is not None:
+        _check_length(f"{where}.embeddings", traj.embeddings, n_steps)
+    return n_steps
 
 
 def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:
@@ -293,11 +311,60 @@ def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:
         raise ValidationError(field, f"has {len(values)} values for {n_steps} steps")
 
 
+def _reward_error(parts: list[np.ndarray]) -> ValidationError | None:
+    """The error naming the first reward that is not finite or beyond +-MAX_ABS_REWARD, if any
+    (``parts``: the trajectories' rewards in request order)."""
+    if not parts:
+        return None
+    rewards = np.concatenate(parts)
+    bad = np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))  # NaN compares False
+    if bad.size == 0:
+        return None
+    row = int(bad[0])
+    ends = np.cumsum([len(p) for p in parts])
+    i = int(np.searchsorted(ends, row, side="right"))
+    t = row - (int(ends[i - 1]) if i else 0)
+    value = rewards[row]
+    reason = f"must be within +-{MAX_ABS_REWARD:g}" if np.isfinite(value) else "must be finite"
+    return ValidationError(f"trajectories[{i}].steps[{t}].reward", f"{reason}, got {value}")
+
+
 def _as_float_array(values: Sequence[float], field: str) -> np.ndarray:
     try:
         return np.asarray(values, dtype=np.float64).reshape(len(values))
     except (TypeError, ValueError) as exc:
         raise ValidationError(field, f"must be numbers ({exc})") from None
+
+
+def _check_embeddings(
+    block: np.ndarray, present: np.ndarray, where: str, size: tuple[int, str] | None
+) -> tuple[int, str]:
+    """One trajectory's embeddings (some present): the batch's size, finite, in range.
+
+    Returns the batch's (size, the step that set it)."""
+    t0 = int(np.flatnonzero(present)[0])
+    if size is None:
+        size = (block.shape[1], f"{where}.steps[{t0}]")
+    elif block.shape[1] != size[0]:
+        raise ValidationError(
+            f"{where}.steps[{t0}].state_embedding",
+            f"has size {block.shape[1]}, expected {size[0]} "
+            f"(the size of {size[1]}.state_embedding)",
+        )
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        t = int(np.flatnonzero(~finite)[0])
+        raise ValidationError(
+            f"{where}.steps[{t}].state_embedding", "must be finite (found nan or inf)"
+        )
+    in_range = (np.abs(block) <= MAX_ABS_EMBEDDING).all(axis=1)
+    if not in_range.all():
+        t = int(np.flatnonzero(~in_range)[0])
+        raise ValidationError(
+            f"{where}.steps[{t}].state_embedding",
+            f"values must be within +-{MAX_ABS_EMBEDDING:g}, got {float(np.abs(block[t]).max())}",
+        )
+    return size
 
 
 def _embedding_block(

@@ -105,7 +105,7 @@ class EstimatorConfig:
     scope: Scope
     history_half_life: float
     history_prior: float
-    # HGPO and GraphGPO (ALGORITHM.md section 4a); episode_weight scales every episode term.
+    # HGPO and GraphGPO (docs/algorithm.md section 4a); episode_weight scales every episode term.
     hgpo_history_length: int
     hgpo_alpha: float
     hgpo_base_group: bool
@@ -148,7 +148,7 @@ class PresetSpec:
     values: Mapping[str, Any]
 
 
-# Defaults shared by every preset (ALGORITHM.md sections 1-4).
+# Defaults shared by every preset (docs/algorithm.md sections 1-4).
 BASE_VALUES: Mapping[str, Any] = MappingProxyType(
     {
         "estimator": Estimator.PROXMO,
@@ -332,7 +332,7 @@ def _coerce(name: str, value: Any) -> Any:
     return number
 
 
-# Accepted ranges of the numeric fields (ALGORITHM.md section 5a; docs/core.md lists them).
+# Accepted ranges of the numeric fields (docs/algorithm.md section 5a; docs/core.md lists them).
 # Every value is also finite (checked by _coerce). With these ranges and batch.MAX_ABS_REWARD
 # every output is finite, whatever the batch (see batch.MAX_ABS_REWARD for the derivation):
 # - psc_range <= 1 (psc_beta <= 1 / 0.2310585786300049 = 4.3279...): the PSC weights stay in

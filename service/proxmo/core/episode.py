@@ -1,4 +1,4 @@
-"""Episode level: group statistics, success rates and PSC weights (ALGORITHM.md section 2).
+"""Episode level: group statistics, success rates and PSC weights (docs/algorithm.md section 2).
 
 Every reduction is a segment reduction (np.bincount) over group indices: no per-group Python
 loop, no group x group matrix.

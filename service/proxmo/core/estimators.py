@@ -1,4 +1,4 @@
-"""The estimators (ALGORITHM.md section 4), their registry and compute_advantages().
+"""The estimators (docs/algorithm.md section 4), their registry and compute_advantages().
 
 Every estimator computes per row the return G_t, the episode term A^E before PSC and the step
 term A^S (its Components: nothing there depends on the success rate p); combine() then applies
@@ -59,7 +59,7 @@ from proxmo.core.step import (
 
 @dataclass(frozen=True)
 class GroupDiagnostics:
-    """Per-group diagnostics (ALGORITHM.md section 5), arrays of length n_groups."""
+    """Per-group diagnostics (docs/algorithm.md section 5), arrays of length n_groups."""
 
     num_trajectories: np.ndarray  # int64
     num_steps: np.ndarray  # int64

@@ -1,4 +1,4 @@
-"""GraphGPO step returns: distance to success on a per-group state graph (ALGORITHM.md 4a).
+"""GraphGPO step returns: distance to success on a per-group state graph (docs/algorithm.md 4a).
 
 Per group, a directed graph over its distinct states (exact identity: `state_key` when given,
 else the state text): an edge s_t -> next_t for every row, where next_t = s_{t+1}, and for a

@@ -1,4 +1,4 @@
-"""HGPO step term: history-keyed groups weighted by key length (ALGORITHM.md section 4a).
+"""HGPO step term: history-keyed groups weighted by key length (docs/algorithm.md section 4a).
 
 A row (trajectory i, step t) belongs, for each k = 1 .. min(K + 1, t + 1), to the group of rows
 of its group whose last k states s_{t-k+1} .. s_t are identical to its own (its *history key*

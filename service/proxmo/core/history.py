@@ -1,4 +1,4 @@
-"""HISTORY success rates: the pure math behind the success-rate stores (ALGORITHM.md section 2).
+"""HISTORY success rates: pure math behind the success-rate stores (docs/algorithm.md section 2).
 
 A task's history is (S, N): exponentially decayed successes and trials, decayed once per update
 of the task. One batch is one update: S_b and N_b sum the task's groups in that batch.

@@ -1,4 +1,4 @@
-"""Step level: proximity-based soft aggregation (PSA) and exact anchors (ALGORITHM.md section 3).
+"""Step level: proximity-based soft aggregation (PSA), exact anchors (docs/algorithm.md section 3).
 
 Cost stays per group: the only similarities computed are one group's distinct states against
 themselves (m_g x m_g, m_g <= n_g), never the batch x batch similarity matrix, and they are

@@ -8,7 +8,7 @@
 
 from .base import BackendUnavailable, EncoderBackend
 from .chain import EncoderUnavailable, load_backend, select_backend
-from .embedder import Embedder, EmbedResult, create_embedder
+from .embedder import Embedder, EmbedResult, PrefetchResult, create_embedder
 from .model import ModelLoadError
 from .settings import EncoderSettings
 
@@ -20,6 +20,7 @@ __all__ = [
     "EncoderSettings",
     "EncoderUnavailable",
     "ModelLoadError",
+    "PrefetchResult",
     "create_embedder",
     "load_backend",
     "select_backend",

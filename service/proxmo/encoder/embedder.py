@@ -3,23 +3,14 @@
 ``Embedder.embed(texts)`` returns float64 [n, d], rows L2-normalized, in the order of ``texts``:
 
 1. identical texts of the call are looked up once;
-2. the in-process LRU (key: model sha256, blake2b-128 of the text) holds what the backend
-   produced, so a hit returns exactly what a fresh encode of the same batch returned;
-3. the optional shared Redis cache (``proxmo:emb:<sha[:12]>:<dtype>:<text hash>``, fp16 bytes, TTL)
-   lets replicas and restarts reuse work; MGET to read, one pipelined SET EX to write. A value
-   read back is fp16-rounded (each component within 2^-11 relative; measured cosine to the
-   fresh vector >= 0.99999997, ENCODER advantages within ~1e-5) and is renormalized. fp16 (the
-   issue's choice) halves Redis memory; results stay exact wherever the LRU or a fresh encode
-   serves them. Redis errors never fail a call: logged, counted, encoded locally, Redis skipped
-   for a few seconds;
-4. the misses go to a batcher, shortest first, in pieces of about ``max_batch_tokens``:
-   callers arriving within ``max_wait_s`` of each other (or while the worker is busy) are
-   encoded together by ONE worker thread that runs the backend (length-sorted micro-batches,
-   see base.py). Each piece's vectors enter the caches as soon as it is encoded, and texts on
-   their way are "in flight": another caller needing one awaits it instead of encoding it
-   again. Nothing encoded is thrown away: when a caller leaves (cancelled, or its deadline is
-   near: DeadlineExceeded, saying how far it got), the running piece is still stored and the
-   pieces not started go to the background queue below, so a retry encodes only what is left.
+2. the in-process LRU, then the optional shared Redis cache (cache.py);
+3. the misses go to the batcher (prefetch.py), shortest first, in pieces of about
+   ``max_batch_tokens``, encoded on one worker thread together with other callers' texts.
+   Each piece's vectors enter the caches as soon as it is encoded, and texts on their way are
+   "in flight": another caller needing one awaits it instead of encoding it again. Nothing
+   encoded is thrown away: when a caller leaves (cancelled, or its deadline is near:
+   DeadlineExceeded, saying how far it got), the running piece is still stored and the pieces
+   not started go to the background queue, so a retry encodes only what is left.
 
 Everything returned is renormalized in float64: x / |x|_2.
 
@@ -36,377 +27,38 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import heapq
-import itertools
 import logging
-import sys
 import time
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry
 
 from proxmo.errors import DeadlineExceeded
 
 from .base import PROBE_TEXTS, BackendUnavailable, EncoderBackend
+from .cache import EmbeddingLRU, SharedEmbeddingCache, text_hash
 from .chain import select_backend
+from .metrics import EncoderMetrics
+from .prefetch import (
+    PREFETCH_CHUNK_TOKENS,
+    BackgroundQueue,
+    Batcher,
+    Piece,
+    QueuedText,
+    token_pieces,
+)
 from .settings import EncoderSettings
 from .torch_backend import choose_cpu_threads
 
 log = logging.getLogger("proxmo.encoder")
 
-REDIS_KEY_PREFIX = "proxmo"
-REDIS_BACKOFF_S = 5.0  # after a Redis error, skip it this long instead of paying a timeout per call
-MAX_WAIT_S = 0.002  # how long a lone caller waits for company
-# Background (prefetch) chunks: small, so that a caller arriving meanwhile waits little
-# (~0.4 s of MiniLM on 2 CPU cores; milliseconds on a GPU).
-PREFETCH_CHUNK_TOKENS = 2048
-# What one queued text is charged beyond the string itself (its dict, heap and future entries),
-# for the prefetch queue's byte cap.
-QUEUE_ENTRY_OVERHEAD_BYTES = 400
 # A caller whose deadline is known is answered this long before it (at most 10 % of its time),
 # so that the server's explanation reaches the client before the client gives up by itself.
 DEADLINE_MARGIN_S = 0.5
-RATE_MIN_TEXTS = 8  # runs smaller than this do not update the measured throughput
-RATE_SMOOTHING = 0.2  # weight of the newest run in the throughput's moving average
-
-
-class EncoderMetrics:
-    """Encoder metrics, registered on the server's registry (or a private one)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.cache_hits = Counter(
-            "proxmo_encoder_cache_hits", "Distinct texts served from a cache.", ["cache"],
-            registry=registry,
-        )
-        self.cache_misses = Counter(
-            "proxmo_encoder_cache_misses",
-            "Distinct texts of a call found in no cache (sent to the encoder).",
-            registry=registry,
-        )
-        self.cache_errors = Counter(
-            "proxmo_encoder_cache_errors",
-            "Shared-cache (Redis) operations that failed; the texts were encoded locally.",
-            ["op"], registry=registry,
-        )
-        self.texts_encoded = Counter(
-            "proxmo_encoder_texts_encoded",
-            "Texts the backend encoded (after deduplication across concurrent callers).",
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "proxmo_encoder_batch_size", "Texts per backend micro-batch.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,
-        )
-        self.batch_tokens = Histogram(
-            "proxmo_encoder_batch_tokens", "Padded tokens (batch x length) per micro-batch.",
-            buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=registry,
-        )
-        self.duration = Histogram(
-            "proxmo_encoder_duration_seconds", "Backend time per micro-batch.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=registry,
-        )
-        self.backend_info = Info(
-            "proxmo_encoder_backend", "The active encoder backend.", registry=registry
-        )
-        self.prefetch_texts = Counter(
-            "proxmo_encoder_prefetch_texts",
-            "Distinct texts of PrefetchStates calls, by outcome (cached: nothing to do; queued; "
-            "dropped: the queue was full; handed_over: left unfinished by a caller that "
-            "went away, queued).",
-            ["outcome"], registry=registry,
-        )
-        self.prefetch_queue = Gauge(
-            "proxmo_encoder_prefetch_queue",
-            "Texts waiting for background embedding (the running chunk included).",
-            registry=registry,
-        )
-        self.prefetch_queue_bytes = Gauge(
-            "proxmo_encoder_prefetch_queue_bytes",
-            "Bytes charged to the texts waiting for background embedding (capped by "
-            "prefetch_queue_bytes).",
-            registry=registry,
-        )
-        self.prefetch_errors = Counter(
-            "proxmo_encoder_prefetch_errors",
-            "Background chunks that failed (their texts are encoded when a batch needs them).",
-            registry=registry,
-        )
-        self.fallbacks = Counter(
-            "proxmo_encoder_fallbacks",
-            "Preferred encoder backends that were not used, by reason.",
-            ["from_backend", "reason"], registry=registry,
-        )
-
-    def observe_batch(self, texts: int, tokens: int, seconds: float) -> None:
-        """Called on the worker thread after each micro-batch (prometheus_client is
-        thread-safe)."""
-        self.batch_size.observe(texts)
-        self.batch_tokens.observe(tokens)
-        self.duration.observe(seconds)
-
-
-def text_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-def shared_cache_prefix(model_sha256: str, dtype: str) -> str:
-    """Redis key prefix of one model at one compute precision: replicas running float32 and
-    bfloat16 must not serve each other's vectors."""
-    return f"{REDIS_KEY_PREFIX}:emb:{model_sha256[:12]}:{dtype}:"
-
-
-def shared_cache_key(model_sha256: str, dtype: str, text: str) -> str:
-    """Redis key of one cached embedding."""
-    return shared_cache_prefix(model_sha256, dtype) + text_hash(text)
-
-
-class _LRU:
-    """An in-process LRU of float32 vectors; touched only from the event loop."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> np.ndarray | None:
-        vector = self._items.get(key)
-        if vector is not None:
-            self._items.move_to_end(key)
-        return vector
-
-    def put(self, key: tuple[str, str], vector: np.ndarray) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[key] = vector
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._items
-
-
-class SharedEmbeddingCache:
-    """Redis embedding cache shared by replicas: fp16 little-endian bytes under a TTL."""
-
-    def __init__(
-        self, url: str, *, ttl_s: int, model_sha256: str, dtype: str, dimension: int,
-        metrics: EncoderMetrics,
-    ) -> None:
-        import redis.asyncio as aioredis
-
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0
-        )
-        self._url = url
-        self._ttl_s = ttl_s
-        self._prefix = shared_cache_prefix(model_sha256, dtype)
-        self._dimension = dimension
-        self._metrics = metrics
-        self._skip_until = 0.0
-
-    def key(self, hashed_text: str) -> str:
-        return self._prefix + hashed_text
-
-    def _available(self) -> bool:
-        return time.monotonic() >= self._skip_until
-
-    def _failed(self, op: str, error: BaseException) -> None:
-        self._metrics.cache_errors.labels(op=op).inc()
-        self._skip_until = time.monotonic() + REDIS_BACKOFF_S
-        log.warning(
-            "encoder shared cache %s failed (%s: %s); encoding locally, Redis skipped for %.0f s",
-            op, type(error).__name__, error, REDIS_BACKOFF_S,
-        )
-
-    def decode(self, raw: bytes | str | None) -> np.ndarray | None:
-        """fp16 bytes -> float32 unit vector; anything malformed counts as a miss."""
-        if raw is None:
-            return None
-        if not isinstance(raw, bytes) or len(raw) != 2 * self._dimension:
-            self._metrics.cache_errors.labels(op="decode").inc()
-            return None
-        vector = np.frombuffer(raw, dtype="<f2").astype(np.float32)
-        norm = float(np.linalg.norm(vector))
-        if not np.isfinite(norm) or norm == 0.0:
-            self._metrics.cache_errors.labels(op="decode").inc()
-            return None
-        return vector / norm
-
-    async def get_many(self, hashed: Sequence[str]) -> list[np.ndarray | None]:
-        if not hashed or not self._available():
-            return [None] * len(hashed)
-        try:
-            raws = await self._client.mget([self.key(h) for h in hashed])
-        except Exception as e:  # noqa: BLE001 - any Redis/network error means "encode locally"
-            self._failed("get", e)
-            return [None] * len(hashed)
-        return [self.decode(raw) for raw in raws]
-
-    async def set_many(self, hashed: Sequence[str], vectors: np.ndarray) -> None:
-        if not hashed or not self._available():
-            return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for h, vector in zip(hashed, vectors, strict=True):
-                pipe.set(self.key(h), vector.astype("<f2").tobytes(), ex=self._ttl_s)
-            await pipe.execute()
-        except Exception as e:  # noqa: BLE001
-            self._failed("set", e)
-
-    async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except Exception as e:  # noqa: BLE001 - closing a dead connection is not an error
-            log.debug("closing the shared cache client: %s", e)
-
-
-@dataclass(eq=False)
-class _Job:
-    texts: list[str]
-    future: asyncio.Future[np.ndarray]
-    est_tokens: int
-    background: bool = False
-
-
-def estimated_tokens(text: str) -> int:
-    """A rough token count for gathering work (~4 characters a token, plus [CLS]/[SEP]);
-    micro-batches use real counts."""
-    return len(text) // 4 + 2
-
-
-class _Batcher:
-    """Collects concurrent callers' texts and runs the backend on one worker thread."""
-
-    def __init__(
-        self, backend: EncoderBackend, *, max_batch_tokens: int, threads: int,
-        metrics: EncoderMetrics, max_wait_s: float = MAX_WAIT_S,
-    ) -> None:
-        self._backend = backend
-        self._max_batch_tokens = max_batch_tokens
-        self._metrics = metrics
-        self._max_wait_s = max_wait_s
-        # One thread: the backend is not re-entrant, and torch parallelizes inside each batch.
-        # torch's thread count is per OS thread once set, so the worker sets its own.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="proxmo-encoder",
-            initializer=torch.set_num_threads, initargs=(threads,),
-        )
-        self._pending: list[_Job] = []
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        # Measured throughput, distinct texts a second: a moving average over the worker's
-        # runs (0.0 until one ran). Published in GetServerInfo so clients can size deadlines.
-        self.texts_per_second = 0.0
-
-    def submit(self, texts: list[str], *, background: bool = False) -> _Job:
-        """Queue texts for the worker; the job's future gets float32 [len(texts), d].
-        ``background`` work runs only while no other caller waits."""
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._wakeup = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="proxmo-encoder-batcher")
-        assert self._wakeup is not None
-        est = sum(estimated_tokens(t) for t in texts)
-        job = _Job(texts, loop.create_future(), est, background)
-        self._pending.append(job)
-        self._wakeup.set()
-        return job
-
-    async def encode(self, texts: list[str], *, background: bool = False) -> np.ndarray:
-        return await self.submit(texts, background=background).future
-
-    def withdraw(self, job: _Job) -> bool:
-        """Take a job back before the worker starts it: True; False once it runs (or ran)."""
-        for k, pending in enumerate(self._pending):
-            if pending is job:
-                del self._pending[k]
-                return True
-        return False
-
-    def _observe_rate(self, texts: int, seconds: float) -> None:
-        if texts < RATE_MIN_TEXTS or seconds <= 0.0:
-            return  # a handful of texts says more about overheads than about throughput
-        rate = texts / seconds
-        previous = self.texts_per_second
-        self.texts_per_second = rate if previous == 0.0 else (
-            (1.0 - RATE_SMOOTHING) * previous + RATE_SMOOTHING * rate)
-
-    def _take_jobs(self) -> list[_Job]:
-        """Callers' jobs first, in arrival order, up to the token budget; a background job
-        only when no caller waits (it runs alone)."""
-        callers = [j for j in self._pending if not j.background]
-        if not callers:
-            return [self._pending.pop(0)] if self._pending else []
-        jobs: list[_Job] = []
-        tokens = 0
-        for job in callers:
-            if jobs and tokens + job.est_tokens > self._max_batch_tokens:
-                break
-            tokens += job.est_tokens
-            jobs.append(job)
-        taken = {id(j) for j in jobs}
-        self._pending = [j for j in self._pending if id(j) not in taken]
-        return jobs
-
-    async def _run(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            if sum(j.est_tokens for j in self._pending) < self._max_batch_tokens:
-                await asyncio.sleep(self._max_wait_s)  # let callers arriving together join
-            jobs = [j for j in self._take_jobs() if not j.future.done()]
-            if not self._pending:
-                self._wakeup.clear()
-            if not jobs:
-                continue
-            try:
-                unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
-                started = time.perf_counter()
-                vectors = await loop.run_in_executor(self._executor, self._encode, unique)
-                self._observe_rate(len(unique), time.perf_counter() - started)
-                row = {text: i for i, text in enumerate(unique)}
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_result(vectors[[row[t] for t in job.texts]])
-            except Exception as e:  # noqa: BLE001 - handed to the callers, the worker lives on
-                log.exception("encoder batch of %d calls failed", len(jobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self._backend.encode(
-            texts, max_batch_tokens=self._max_batch_tokens, on_batch=self._metrics.observe_batch
-        )
-        self._metrics.texts_encoded.inc(len(texts))
-        return vectors
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the encoder is closed"))
-        self._pending.clear()
-        # Wait for a batch still running on the worker before the backend is released.
-        await asyncio.to_thread(self._executor.shutdown, True)
 
 
 @dataclass(frozen=True)
@@ -428,50 +80,6 @@ class PrefetchResult:
     cached: int  # already in the in-process cache
     queued: int  # queued now, or already queued or running
     dropped: int  # the queue was full
-
-
-@dataclass
-class _Queued:
-    """A text waiting for background embedding; ``done`` is True once it is in the LRU
-    (False: its chunk failed)."""
-
-    text: str
-    done: asyncio.Future[bool]
-    size: int  # what it is charged against the queue's byte cap
-
-
-@dataclass(eq=False)
-class _Piece:
-    """Texts sent to the worker as one job. Each text's ``done`` future is its in-flight entry:
-    True once its vector is in the LRU, False if the job failed."""
-
-    texts: list[str]
-    hashed: list[str]
-    done: list[asyncio.Future[bool]]
-    job: _Job
-    vectors: list[np.ndarray] | None = None  # float32 rows, once the worker is through
-    write: asyncio.Task[None] | None = None  # the shared-cache write of those rows
-
-
-def token_pieces(texts: Sequence[str], budget: int) -> list[list[int]]:
-    """Indices of ``texts``, shortest first, cut into runs of about ``budget`` estimated
-    tokens (at least one text each): similar lengths pad little, and each run is stored as
-    soon as it is encoded."""
-    pieces: list[list[int]] = []
-    tokens = 0
-    for i in sorted(range(len(texts)), key=lambda k: len(texts[k])):
-        cost = estimated_tokens(texts[i])
-        if not pieces or (pieces[-1] and tokens + cost > budget):
-            pieces.append([])
-            tokens = 0
-        pieces[-1].append(i)
-        tokens += cost
-    return pieces
-
-
-def queue_charge(text: str) -> int:
-    """Bytes a queued text is charged: the string object plus the queue's bookkeeping."""
-    return sys.getsizeof(text) + QUEUE_ENTRY_OVERHEAD_BYTES
 
 
 @dataclass
@@ -498,7 +106,7 @@ class Embedder:
         self._owns_backend = owns_backend
         self.settings = settings
         self.metrics = EncoderMetrics(registry if registry is not None else CollectorRegistry())
-        self._lru = _LRU(settings.lru_size)
+        self._lru = EmbeddingLRU(settings.lru_size)
         self._shared = (
             SharedEmbeddingCache(
                 settings.redis_cache_url, ttl_s=settings.redis_cache_ttl_s,
@@ -509,28 +117,26 @@ class Embedder:
             if settings.redis_cache_url
             else None
         )
-        self._batcher = _Batcher(
+        self._batcher = Batcher(
             backend, max_batch_tokens=settings.max_batch_tokens,
             threads=choose_cpu_threads(settings.threads), metrics=self.metrics,
         )
         # Texts on their way into the LRU (a caller's pieces, the running background chunk),
         # keyed by text hash: whoever needs one of them awaits it instead of encoding it again.
         self._inflight: dict[str, asyncio.Future[bool]] = {}
+        # How many callers await each in-flight text: a caller that leaves hands those texts
+        # to the worker at once, not to the background queue behind every other text.
+        self._awaited: Counter[str] = Counter()
         self._writes: set[asyncio.Task[None]] = set()  # shared-cache writes under way
-        # Background embedding (prefetch and what callers left unfinished), keyed by text hash.
-        # At most lru_size texts wait (more would evict each other before any batch used them)
-        # and at most prefetch_queue_bytes of them (texts may be long).
-        # Chunks are taken shortest first (a heap of (length, seq, hash); entries a caller has
-        # taken out are skipped when popped), so each chunk holds texts of similar length:
-        # taking them in arrival order pads short texts to long ones, measured 2x slower.
-        self._queue: dict[str, _Queued] = {}
-        self._queue_bytes = 0
-        self._by_length: list[tuple[int, int, str]] = []
-        self._sequence = itertools.count()
+        # Background embedding (prefetch and what callers left unfinished).
+        self._queue = BackgroundQueue(
+            capacity=settings.lru_size, max_bytes=settings.prefetch_queue_bytes,
+            chunk_tokens=min(PREFETCH_CHUNK_TOKENS, settings.max_batch_tokens),
+        )
         self._running_chunk = 0
+        self._chunk_piece: Piece | None = None  # the running chunk's job, once submitted
         self.metrics.prefetch_queue.set_function(lambda: len(self._queue) + self._running_chunk)
-        self.metrics.prefetch_queue_bytes.set_function(lambda: self._queue_bytes)
-        self._queue_capacity = settings.lru_size
+        self.metrics.prefetch_queue_bytes.set_function(lambda: self._queue.bytes)
         self._queue_ready: asyncio.Event | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
         self._info = _Info(fallback_reasons=[str(f) for f in fallbacks])
@@ -650,7 +256,7 @@ class Embedder:
             if running is not None:
                 awaited[i] = running
                 continue
-            entry = self._unqueue(hashed[i])
+            entry = self._queue.take(hashed[i])
             fresh.append(i)
             done.append(entry.done if entry is not None else loop.create_future())
         runs = token_pieces([distinct[i] for i in fresh], self.settings.max_batch_tokens)
@@ -661,6 +267,10 @@ class Embedder:
         ]
         waits: set[asyncio.Future[Any]] = {p.job.future for p in pieces}
         waits.update(awaited.values())
+        self._awaited.update(hashed[i] for i in awaited)
+        chunk = self._chunk_piece
+        if chunk is not None and not set(chunk.hashed).isdisjoint(hashed[i] for i in awaited):
+            self._batcher.promote(chunk.job)  # no longer background work: a caller waits for it
         try:
             if waits:
                 # asyncio.wait never cancels what it waits for: a caller that leaves leaves
@@ -673,6 +283,11 @@ class Embedder:
         except asyncio.CancelledError:
             self._abandon(pieces)
             raise
+        finally:
+            self._awaited.subtract(hashed[i] for i in awaited)
+            for i in awaited:
+                if self._awaited[hashed[i]] <= 0:
+                    del self._awaited[hashed[i]]
         for run, piece in zip(runs, pieces, strict=True):
             piece.job.future.result()  # the backend's error, if it failed, goes to the caller
             assert piece.vectors is not None
@@ -693,14 +308,14 @@ class Embedder:
         return encoded
 
     def _submit(self, texts: list[str], hashed: list[str], done: list[asyncio.Future[bool]],
-                *, background: bool) -> _Piece:
+                *, background: bool) -> Piece:
         for h, future in zip(hashed, done, strict=True):
             self._inflight[h] = future
-        piece = _Piece(texts, hashed, done, self._batcher.submit(texts, background=background))
+        piece = Piece(texts, hashed, done, self._batcher.submit(texts, background=background))
         piece.job.future.add_done_callback(functools.partial(self._piece_done, piece))
         return piece
 
-    def _piece_done(self, piece: _Piece, future: asyncio.Future[np.ndarray]) -> None:
+    def _piece_done(self, piece: Piece, future: asyncio.Future[np.ndarray]) -> None:
         """On the loop, as soon as the worker is through a piece: its vectors into the LRU, a
         shared-cache write started, every waiter told, whether or not its caller is still
         there."""
@@ -722,15 +337,22 @@ class Embedder:
             if not done.done():
                 done.set_result(ok)
 
-    def _abandon(self, pieces: list[_Piece]) -> tuple[int, int]:
+    def _abandon(self, pieces: list[Piece]) -> tuple[int, int]:
         """The caller is gone (or out of time): pieces the worker has not started go to the
-        background queue, the running piece finishes and is stored. Returns (texts queued,
+        background queue, except the texts another caller awaits, which go back to the worker
+        as a caller's piece; the running piece finishes and is stored. Returns (texts queued,
         texts dropped because the queue was full)."""
         queued = dropped = 0
         for piece in pieces:
             if not self._batcher.withdraw(piece.job):
                 continue  # running or done: _piece_done stores it
+            awaited = [k for k, h in enumerate(piece.hashed) if self._awaited[h] > 0]
+            if awaited:  # keeps their in-flight entries: the waiters are told as before
+                self._submit([piece.texts[k] for k in awaited], [piece.hashed[k] for k in awaited],
+                             [piece.done[k] for k in awaited], background=False)
             for text, h, done in zip(piece.texts, piece.hashed, piece.done, strict=True):
+                if self._awaited[h] > 0:
+                    continue
                 if self._inflight.get(h) is done:
                     del self._inflight[h]
                 if self._enqueue(h, text, done):
@@ -746,7 +368,7 @@ class Embedder:
         return queued, dropped
 
     def _deadline_message(
-        self, missing: list[int], pieces: list[_Piece],
+        self, missing: list[int], pieces: list[Piece],
         awaited: dict[int, asyncio.Future[bool]], elapsed: float, abandoned: tuple[int, int],
     ) -> str:
         left = sum(len(p.texts) for p in pieces if not p.job.future.done())
@@ -771,21 +393,10 @@ class Embedder:
 
     def _enqueue(self, h: str, text: str, done: asyncio.Future[bool]) -> bool:
         """Queue one text for background embedding; False when the queue is full."""
-        size = queue_charge(text)
-        if (len(self._queue) >= self._queue_capacity
-                or self._queue_bytes + size > self.settings.prefetch_queue_bytes):
+        if not self._queue.add(h, text, done):
             return False
-        self._queue[h] = _Queued(text, done, size)
-        self._queue_bytes += size
-        heapq.heappush(self._by_length, (len(text), next(self._sequence), h))
         self._start_prefetch_loop()
         return True
-
-    def _unqueue(self, h: str) -> _Queued | None:
-        entry = self._queue.pop(h, None)
-        if entry is not None:
-            self._queue_bytes -= entry.size
-        return entry
 
     async def prefetch(self, texts: Sequence[str], *, wait: bool = False) -> PrefetchResult:
         """Queue the texts not yet embedded for background embedding. Returns at once, or with
@@ -834,38 +445,15 @@ class Embedder:
         assert self._queue_ready is not None
         self._queue_ready.set()
 
-    def _take_chunk(self) -> dict[str, _Queued]:
-        """The shortest queued texts, up to PREFETCH_CHUNK_TOKENS (at least one)."""
-        budget = min(PREFETCH_CHUNK_TOKENS, self.settings.max_batch_tokens)
-        if len(self._by_length) > 2 * len(self._queue) + 1024:  # mostly entries taken out
-            self._by_length = [item for item in self._by_length if item[2] in self._queue]
-            heapq.heapify(self._by_length)
-        chunk: dict[str, _Queued] = {}
-        tokens = 0
-        while self._by_length:
-            h = self._by_length[0][2]
-            entry = self._queue.get(h)
-            if entry is None:  # taken out by a caller meanwhile
-                heapq.heappop(self._by_length)
-                continue
-            cost = estimated_tokens(entry.text)
-            if chunk and tokens + cost > budget:
-                break
-            heapq.heappop(self._by_length)
-            self._unqueue(h)
-            chunk[h] = entry
-            tokens += cost
-        return chunk
-
     async def _prefetch_loop(self) -> None:
         assert self._queue_ready is not None
         while True:
             await self._queue_ready.wait()
             if not self._queue:
-                self._by_length.clear()  # only entries callers took out are left
+                self._queue.clear()  # only heap entries callers took out are left
                 self._queue_ready.clear()
                 continue
-            chunk = self._take_chunk()
+            chunk = self._queue.take_chunk()
             for h, entry in chunk.items():
                 self._inflight[h] = entry.done
             self._running_chunk = len(chunk)
@@ -884,9 +472,9 @@ class Embedder:
                         entry.done.set_result(False)
                 self._running_chunk = 0
 
-    async def _embed_chunk(self, chunk: dict[str, _Queued]) -> None:
-        """Shared cache first, then the backend (at background priority); results to the
-        LRU."""
+    async def _embed_chunk(self, chunk: dict[str, QueuedText]) -> None:
+        """Shared cache first, then the backend (at background priority unless a caller waits
+        for one of the texts); results to the LRU."""
         hashed = list(chunk)
         sha = self.backend.model_sha256
         if self._shared is not None:
@@ -898,9 +486,14 @@ class Embedder:
                     chunk[h].done.set_result(True)
             hashed = [h for h, vector in zip(hashed, hits, strict=True) if vector is None]
         if hashed:
+            awaited = any(self._awaited[h] > 0 for h in hashed)  # a caller waits for some
             piece = self._submit([chunk[h].text for h in hashed], hashed,
-                                 [chunk[h].done for h in hashed], background=True)
-            await piece.job.future
+                                 [chunk[h].done for h in hashed], background=not awaited)
+            self._chunk_piece = piece
+            try:
+                await piece.job.future
+            finally:
+                self._chunk_piece = None
 
     async def close(self) -> None:
         if self._prefetch_task is not None:
@@ -910,12 +503,9 @@ class Embedder:
             except asyncio.CancelledError:
                 pass
             self._prefetch_task = None
-        for entry in self._queue.values():
+        for entry in self._queue.clear():
             if not entry.done.done():
                 entry.done.set_result(False)
-        self._queue.clear()
-        self._queue_bytes = 0
-        self._by_length.clear()
         await self._batcher.close()  # fails every job left: their waiters are told
         for done in list(self._inflight.values()):
             if not done.done():

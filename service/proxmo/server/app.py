@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine, Limits
+from proxmo.engine import Engine, warmup_request
 from proxmo.server.admission import Phase
 from proxmo.server.auth import load_access_policy, load_tls
 from proxmo.server.config import Settings, SettingsError, load_settings
@@ -41,7 +41,6 @@ from proxmo.server.metrics import ServerMetrics
 from proxmo.server.rest import create_app
 from proxmo.server.runtime import Runtime
 from proxmo.store import SuccessRateStore, create_store
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 log = logging.getLogger("proxmo.server")
 
@@ -175,17 +174,7 @@ async def load(service: Service) -> None:
         store=service.store,
         embedder=service.embedder,
         default_similarity=similarity,
-        limits=Limits(
-            max_trajectories=settings.max_trajectories,
-            max_steps_per_trajectory=settings.max_steps_per_trajectory,
-            max_total_steps=settings.max_total_steps,
-            max_state_chars=settings.max_state_chars,
-            max_embedding_dim=settings.max_embedding_dim,
-            max_id_chars=settings.max_id_chars,
-            max_tasks_per_request=settings.max_tasks_per_request,
-            max_group_distinct_states=settings.max_group_distinct_states,
-            max_response_bytes=settings.max_message_bytes,
-        ),
+        limits=settings.limits,
         registry=service.registry,
         compute_threads=settings.compute_threads,
         compute_workers=settings.compute_worker_count,
@@ -200,25 +189,13 @@ async def load(service: Service) -> None:
                     "encoder_dtype": encoder.dtype})
 
 
-def _warmup_request() -> pb.ComputeAdvantagesRequest:
-    """Two tiny groups: touches every import and thread of the default path; dry run."""
-    request = pb.ComputeAdvantagesRequest(request_id="warmup", dry_run=True)
-    for g in range(2):
-        for i in range(2):
-            trajectory = request.trajectories.add(trajectory_id=f"w{g}{i}", group_id=f"w{g}",
-                                                  task_id="proxmo-warmup")
-            trajectory.steps.add(state="you are in a room", reward=0.0)
-            trajectory.steps.add(state=f"you see item {i}", reward=float(i))
-    return request
-
-
 async def warm_up(service: Service) -> None:
     """Compute workers and encoder first, then one dry-run batch through the engine."""
     started = time.monotonic()
     await service.runtime.engine.start()
     if service.embedder is not None:
         await service.embedder.warmup()
-    await service.runtime.engine.compute(_warmup_request())
+    await service.runtime.engine.compute(warmup_request())
     log.info("warm-up done", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
 
 

@@ -1,7 +1,8 @@
 """Server settings: defaults < config file < ``PROXMO_*`` environment < command-line flags.
 
-Every field of :class:`Settings` has one environment twin (``PROXMO_`` + the field name in upper
-case) and one flag (``--`` + the field name with dashes). The optional config file (``--config``
+Every setting (a field of :class:`Settings`, or of the per-request :class:`proxmo.limits.Limits`
+it holds) has one environment twin (``PROXMO_`` + the field name in upper case) and one flag
+(``--`` + the field name with dashes). The optional config file (``--config``
 or ``PROXMO_CONFIG``) is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the field names as
 keys. Secrets are masked whenever the settings are printed.
 """
@@ -11,18 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 import yaml
 from proxmo.core.batch import ValidationError
+from proxmo.limits import Limits
 from proxmo.secrets import MASK, mask_url
 from proxmo.store.base import validate_namespace
 
 ENV_PREFIX = "PROXMO_"
-MIB = 1024 * 1024
 
 SIMILARITY_CHOICES = ("auto", "tfidf", "encoder", "exact")
 LOG_FORMATS = ("text", "json")
@@ -83,22 +84,9 @@ class Settings:
     stream_inflight: int = field(
         default=4, metadata={"help": "requests computed at once per StreamAdvantages stream"}
     )
-    max_message_bytes: int = field(default=64 * MIB, metadata={"help": "largest message, bytes"})
-    max_trajectories: int = field(default=4096, metadata={"help": "trajectories per request"})
-    max_steps_per_trajectory: int = field(default=1000, metadata={"help": "steps per trajectory"})
-    max_total_steps: int = field(default=200_000, metadata={"help": "steps per request"})
-    max_state_chars: int = field(default=16_384, metadata={"help": "characters per state text"})
-    max_embedding_dim: int = field(default=4096, metadata={"help": "largest state_embedding"})
-    max_id_chars: int = field(
-        default=256, metadata={"help": "longest request, trajectory, group or task id"}
-    )
-    max_tasks_per_request: int = field(
-        default=1024, metadata={"help": "distinct task ids per request"}
-    )
-    max_group_distinct_states: int = field(
-        default=1024, metadata={"help": "distinct states in one group when PSA runs (its work "
-                                "grows with their square)"}
-    )
+    # The per-request limits: each field of proxmo.limits.Limits is a setting of its own (flag,
+    # environment variable, config key) listed here, under its own name.
+    limits: Limits = field(default_factory=Limits)
     http_max_connections: int = field(
         default=256, metadata={"help": "open REST connections; more are closed at once"}
     )
@@ -196,23 +184,33 @@ class Settings:
             return len(os.sched_getaffinity(0))
         return int(self.compute_workers)
 
+    def value(self, name: str) -> Any:
+        """The setting ``name`` (a limit's too)."""
+        return getattr(self.limits if name in _LIMIT_NAMES else self, name)
+
     def describe(self) -> str:
         """One ``name = value`` line per setting, secrets masked (passwords inside URLs too)."""
-        width = max(len(f.name) for f in fields(self))
-        lines = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            shown = mask_secret(value) if f.metadata.get("secret") else value
-            lines.append(f"  {f.name:<{width}} = {shown!r}")
-        return "\n".join(lines)
+        width = max(len(f.name) for f in setting_fields())
+        return "\n".join(f"  {name:<{width}} = {shown!r}"
+                         for name, shown in self.masked().items())
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict, secrets masked (for JSON logs)."""
         return {
-            f.name: mask_secret(getattr(self, f.name)) if f.metadata.get("secret")
-            else getattr(self, f.name)
-            for f in fields(self)
+            f.name: mask_secret(self.value(f.name)) if f.metadata.get("secret")
+            else self.value(f.name)
+            for f in setting_fields()
         }
+
+
+_LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+
+
+def setting_fields() -> list[Field[Any]]:
+    """Every setting, in ``--help`` order: the fields of Settings, with ``limits`` spelled out as
+    the fields of Limits."""
+    return [limit for f in fields(Settings)
+            for limit in (fields(Limits) if f.name == "limits" else (f,))]
 
 
 def mask_secret(value: Any) -> str:
@@ -231,14 +229,11 @@ def _check(s: Settings) -> None:
         port = getattr(s, name)
         if not 0 < port < 65536:
             raise SettingsError(f"{name}: must be in 1..65535, got {port}")
-    for name in ("max_concurrency", "stream_inflight", "max_message_bytes", "max_trajectories",
-                 "max_steps_per_trajectory", "max_total_steps", "max_state_chars",
-                 "max_embedding_dim", "encoder_max_batch_tokens", "max_id_chars",
-                 "max_tasks_per_request", "max_group_distinct_states", "http_max_connections",
-                 "http_keepalive_timeout_s",
+    for name in ("max_concurrency", "stream_inflight", *_LIMIT_NAMES,
+                 "encoder_max_batch_tokens", "http_max_connections", "http_keepalive_timeout_s",
                  "grpc_max_concurrent_streams", "grpc_max_connection_idle_s"):
-        if getattr(s, name) < 1:
-            raise SettingsError(f"{name}: must be >= 1, got {getattr(s, name)}")
+        if s.value(name) < 1:
+            raise SettingsError(f"{name}: must be >= 1, got {s.value(name)}")
     for name in ("compute_threads", "encoder_threads", "encoder_lru_size", "embedding_cache_ttl_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
@@ -256,11 +251,11 @@ def _check(s: Settings) -> None:
         raise SettingsError(str(error)) from None
     if s.grace_period_s < 0:
         raise SettingsError(f"grace_period_s: must be >= 0, got {s.grace_period_s}")
-    for f in fields(s):
+    for f in setting_fields():
         choices = f.metadata.get("choices")
-        if choices and getattr(s, f.name) not in choices:
+        if choices and s.value(f.name) not in choices:
             raise SettingsError(
-                f"{f.name}: must be one of {', '.join(choices)}, got {getattr(s, f.name)!r}"
+                f"{f.name}: must be one of {', '.join(choices)}, got {s.value(f.name)!r}"
             )
     if s.embedding_cache_redis and not s.redis_url:
         raise SettingsError("embedding_cache_redis: needs redis_url")
@@ -303,7 +298,7 @@ def _check_redis_topology(s: Settings) -> None:
 
 def _field_types() -> dict[str, type]:
     kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    return {f.name: kinds[str(f.type)] for f in fields(Settings)}
+    return {f.name: kinds[str(f.type)] for f in setting_fields()}
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
@@ -376,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
         "an environment twin PROXMO_<NAME> (e.g. --grpc-port / PROXMO_GRPC_PORT).",
     )
     parser.add_argument("--config", default=None, help="YAML or TOML file (env PROXMO_CONFIG)")
-    for f in fields(Settings):
+    for f in setting_fields():
         flag = "--" + f.name.replace("_", "-")
         kind = _field_types()[f.name]
         help_text = f"{f.metadata.get('help', '')} (default {f.default!r}; env {ENV_PREFIX}" \
@@ -407,5 +402,6 @@ def load_settings(argv: Sequence[str] | None = None,
         raw = getattr(args, name)
         if raw is not None:
             values[name] = _coerce(name, raw, "--" + name.replace("_", "-"))
-    return Settings(**values)
+    limits = Limits(**{name: values.pop(name) for name in _LIMIT_NAMES if name in values})
+    return Settings(**values, limits=limits)
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from proxmo.errors import InvalidArgument, LimitExceeded, ProxmoError
+from proxmo.proto import pb, pb_grpc
 from proxmo.server.auth import AccessPolicy, BearerAuthInterceptor, TlsFiles, refusal_recorder
 from proxmo.server.config import Settings
 from proxmo.server.prescan import check_wire_counts
@@ -31,8 +32,6 @@ from proxmo.server.status import (
     field_free_message,
     in_stream,
 )
-from proxmo_client.v1 import proxmo_pb2 as pb
-from proxmo_client.v1 import proxmo_pb2_grpc as pb_grpc
 
 log = logging.getLogger("proxmo.server.grpc")
 
@@ -322,8 +321,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options, set deliberately (serving-anchors.md section 3.5/3.6)."""
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
+        ("grpc.max_send_message_length", settings.limits.max_message_bytes),
         # One connection cannot hold more calls than this (idle streams included).
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         # A connection without calls for this long gets GOAWAY (clients reconnect on demand).

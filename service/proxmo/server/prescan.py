@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import re
 
-from proxmo.engine import Limits
 from proxmo.errors import LimitExceeded
-from proxmo_client.v1 import proxmo_pb2 as pb
+from proxmo.limits import Limits
+from proxmo.proto import pb
 
 # Fields that are not trajectories or steps (ids, config, flags): a valid request has a few.
 _OTHER_FIELDS = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
@@ -22,13 +22,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from proxmo.core.batch import cut
-from proxmo.engine import Limits
 from proxmo.errors import ClientGone, InvalidArgument, LimitExceeded
+from proxmo.limits import Limits
+from proxmo.proto import pb
 from proxmo.server.auth import AccessPolicy, HttpBearerAuth, refusal_recorder
 from proxmo.server.prescan import check_json_counts
 from proxmo.server.runtime import Runtime, new_request_id
 from proxmo.server.status import ErrorStatus, classify
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 TRANSPORT = "http"
 _JSON = "application/json"
@@ -116,35 +116,71 @@ def _parse_request(body: bytes, request: M, limits: Limits) -> M:
     return request
 
 
-_ADVANTAGES_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "A proxmo.v1.ComputeAdvantagesRequest in the proto3 JSON mapping "
-        "(the `proxmo compute` input).",
-        "content": {_JSON: {"schema": {"type": "object"}, "example": {
-            "requestId": "b7c1...",
-            "trajectories": [
-                {"trajectoryId": "t0", "groupId": "g0", "steps": [
-                    {"state": "You are in the kitchen.", "reward": 0.0},
-                    {"state": "You see a mug.", "reward": 1.0}]},
-                {"trajectoryId": "t1", "groupId": "g0", "steps": [
-                    {"state": "You are in the kitchen.", "reward": 0.0}]},
-            ],
-            "config": {"preset": "proxmo"},
-        }}},
-    }
-}
+# --- OpenAPI: the bodies FastAPI cannot see (the routes read the raw body themselves) --------
 
 
-_PREFETCH_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "A proxmo.v1.PrefetchStatesRequest in the proto3 JSON mapping.",
-        "content": {_JSON: {"schema": {"type": "object"}, "example": {
-            "states": ["You are in the kitchen.", "You see a mug."], "wait": False,
-        }}},
-    }
-}
+def _json_body(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` of a route whose body is a proto3 JSON message."""
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {_JSON: {"schema": {"type": "object"},
+                                                "example": example}}}}
+
+
+_ADVANTAGES_BODY = _json_body(
+    "A proxmo.v1.ComputeAdvantagesRequest in the proto3 JSON mapping (the `proxmo compute` "
+    "input).",
+    {
+        "requestId": "b7c1...",
+        "trajectories": [
+            {"trajectoryId": "t0", "groupId": "g0", "steps": [
+                {"state": "You are in the kitchen.", "reward": 0.0},
+                {"state": "You see a mug.", "reward": 1.0}]},
+            {"trajectoryId": "t1", "groupId": "g0", "steps": [
+                {"state": "You are in the kitchen.", "reward": 0.0}]},
+        ],
+        "config": {"preset": "proxmo"},
+    },
+)
+_PREFETCH_BODY = _json_body(
+    "A proxmo.v1.PrefetchStatesRequest in the proto3 JSON mapping.",
+    {"states": ["You are in the kitchen.", "You see a mug."], "wait": False},
+)
+
+
+# --- answering one call --------------------------------------------------------------------
+
+
+def _refused(runtime: Runtime, rpc: str, started: float, request_id: str,
+             exc: Exception) -> JSONResponse:
+    """The error answer for ``exc``, counted and logged."""
+    status = classify(exc, request_id)
+    runtime.finish(transport=TRANSPORT, rpc=rpc, started=started, request_id=request_id,
+                   error=status, exc=exc)
+    return _error_response(status, request_id)
+
+
+async def _serve(runtime: Runtime, rpc: str, request_id: str,
+                 call: Callable[[], Awaitable[Message]]) -> Response:
+    """Run one call as a service call: count, time and log it; answer its message as proto3
+    JSON, or its error as the error body."""
+    started = time.monotonic()
+    try:
+        with runtime.call():
+            message = await call()
+    except Exception as exc:
+        return _refused(runtime, rpc, started, request_id, exc)
+    computed = message if isinstance(message, pb.ComputeAdvantagesResponse) else None
+    runtime.finish(transport=TRANSPORT, rpc=rpc, started=started, request_id=request_id,
+                   response=computed)
+    if computed is not None:  # a large response takes milliseconds to print: off the loop
+        text = await asyncio.to_thread(_to_json, computed)
+    else:
+        text = _to_json(message)
+    return Response(content=text, media_type=_JSON,
+                    headers={"x-request-id": header_value(request_id)})
+
+
+# --- the app -------------------------------------------------------------------------------
 
 
 def create_app(runtime: Runtime, registry: CollectorRegistry, *,
@@ -159,33 +195,23 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
     )
     if access is not None and access.enabled:
         app.add_middleware(HttpBearerAuth, policy=access, on_refused=refusal_recorder(runtime))
+    app.exception_handler(RequestValidationError)(_bad_parameter)
+    _add_health_routes(app, runtime, registry)
+    _add_advantages_routes(app, runtime)
+    _add_success_rate_routes(app, runtime)
+    _add_info_route(app, runtime)
+    return app
 
-    async def serve(rpc: str, request_id: str, call: Any) -> Response:
-        started = time.monotonic()
-        try:
-            with runtime.call():
-                message = await call()
-        except Exception as exc:
-            status = classify(exc, request_id)
-            runtime.finish(transport=TRANSPORT, rpc=rpc, started=started,
-                           request_id=request_id, error=status, exc=exc)
-            return _error_response(status, request_id)
-        runtime.finish(transport=TRANSPORT, rpc=rpc, started=started, request_id=request_id,
-                       response=message if isinstance(message, pb.ComputeAdvantagesResponse)
-                       else None)
-        # A large response takes milliseconds to print: keep it off the event loop.
-        text = await asyncio.to_thread(_to_json, message) if isinstance(
-            message, pb.ComputeAdvantagesResponse) else _to_json(message)
-        return Response(content=text, media_type=_JSON,
-                        headers={"x-request-id": header_value(request_id)})
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        status = classify(InvalidArgument(field, str(first.get("msg", "invalid"))), "")
-        return _error_response(status, new_request_id())
+async def _bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query or path parameter FastAPI refused: the error body, as InvalidArgument."""
+    first = exc.errors()[0] if exc.errors() else {}
+    field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    status = classify(InvalidArgument(field, str(first.get("msg", "invalid"))), "")
+    return _error_response(status, new_request_id())
 
+
+def _add_health_routes(app: FastAPI, runtime: Runtime, registry: CollectorRegistry) -> None:
     @app.get("/livez", tags=["health"], summary="Liveness: the process and its loop answer")
     @app.get("/healthz", tags=["health"], summary="Alias of /livez")
     async def livez() -> dict[str, str]:
@@ -209,43 +235,40 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _add_advantages_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/v1/advantages", tags=["advantages"], openapi_extra=_ADVANTAGES_BODY,
               summary="ComputeAdvantages: per-step advantages for one batch")
     async def advantages(request: Request) -> Response:
         received = time.monotonic()
-        started = received
         try:
-            body = await _read_body(request, runtime.settings.max_message_bytes)
+            body = await _read_body(request, runtime.settings.limits.max_message_bytes)
             # Parsing a large batch takes milliseconds: keep it off the event loop.
             message = await asyncio.to_thread(_parse_request, body, pb.ComputeAdvantagesRequest(),
                                               runtime.engine.limits)
         except Exception as exc:
-            request_id = new_request_id()
-            status = classify(exc, request_id)
-            runtime.finish(transport=TRANSPORT, rpc="ComputeAdvantages", started=started,
-                           request_id=request_id, error=status, exc=exc)
-            return _error_response(status, request_id)
-        request_id = runtime.request_id_of(message)
+            # Unparsed, the request has no id of its own yet.
+            return _refused(runtime, "ComputeAdvantages", received, new_request_id(), exc)
 
         async def compute() -> pb.ComputeAdvantagesResponse:
             return await _unless_disconnected(request, runtime.compute(
                 message, deadline=None, received_at=received, wait_for_slot=False))
 
-        return await serve("ComputeAdvantages", request_id, compute)
+        return await _serve(runtime, "ComputeAdvantages", runtime.request_id_of(message), compute)
 
     @app.post("/v1/prefetch", tags=["advantages"], openapi_extra=_PREFETCH_BODY,
               summary="PrefetchStates: embed states in the background, ahead of their batch")
     async def prefetch(request: Request) -> Response:
-        request_id = new_request_id()
-
         async def call() -> pb.PrefetchStatesResponse:
-            body = await _read_body(request, runtime.settings.max_message_bytes)
+            body = await _read_body(request, runtime.settings.limits.max_message_bytes)
             message = await asyncio.to_thread(_parse_request, body, pb.PrefetchStatesRequest(),
                                               runtime.engine.limits)
             return await runtime.prefetch_states(message)
 
-        return await serve("PrefetchStates", request_id, call)
+        return await _serve(runtime, "PrefetchStates", new_request_id(), call)
 
+
+def _add_success_rate_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/v1/tasks", tags=["success rates"],
              summary="GetSuccessRates: per-task success-rate histories")
     async def tasks(
@@ -256,13 +279,13 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
     ) -> Response:
         message = pb.GetSuccessRatesRequest(task_ids=task_id or [], prefix=prefix,
                                             page_size=page_size, page_token=page_token)
-        return await serve("GetSuccessRates", new_request_id(),
-                           lambda: runtime.success_rates(message))
+        return await _serve(runtime, "GetSuccessRates", new_request_id(),
+                            lambda: runtime.success_rates(message))
 
     # Access (the admin token, when auth is on) is checked by the HttpBearerAuth middleware.
     async def reset(message: pb.ResetSuccessRatesRequest) -> Response:
-        return await serve("ResetSuccessRates", new_request_id(),
-                           lambda: runtime.reset_success_rates(message))
+        return await _serve(runtime, "ResetSuccessRates", new_request_id(),
+                            lambda: runtime.reset_success_rates(message))
 
     @app.delete("/v1/tasks/{task_id}", tags=["success rates"],
                 summary="ResetSuccessRates: delete one task's history")
@@ -274,11 +297,11 @@ def create_app(runtime: Runtime, registry: CollectorRegistry, *,
     async def reset_all() -> Response:
         return await reset(pb.ResetSuccessRatesRequest(all_tasks=True))
 
+
+def _add_info_route(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/v1/info", tags=["server"], summary="GetServerInfo: version, presets, limits")
     async def info() -> Response:
         async def call() -> pb.GetServerInfoResponse:
             return runtime.server_info()
 
-        return await serve("GetServerInfo", new_request_id(), call)
-
-    return app
+        return await _serve(runtime, "GetServerInfo", new_request_id(), call)

@@ -14,20 +14,21 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import proxmo
 from proxmo.core.config import Similarity
-from proxmo.engine import Engine, check_ids
+from proxmo.engine import Engine, check_ids, field_errors
 from proxmo.errors import DeadlineExceeded, InvalidArgument, LimitExceeded, NotReady
+from proxmo.limits import Limits
+from proxmo.proto import pb
 from proxmo.secrets import mask_urls
 from proxmo.server.admission import Admission, Lifecycle
 from proxmo.server.config import Settings
 from proxmo.server.metrics import ServerMetrics
 from proxmo.server.status import ErrorStatus
 from proxmo.store.base import SuccessRateStore, TaskRecord
-from proxmo_client.v1 import proxmo_pb2 as pb
 
 log = logging.getLogger("proxmo.server")
 
@@ -89,7 +90,7 @@ class Runtime:
         """The id a request is logged and answered under: its own, cut to ``max_id_chars``
         (a longer one is refused by the limits, and must not fill the error's metadata), or
         a new one."""
-        return request.request_id[:self.settings.max_id_chars] or new_request_id()
+        return request.request_id[:self.settings.limits.max_id_chars] or new_request_id()
 
     def attach(self, engine: Engine, embedder: EmbedderInfo | None) -> None:
         self._engine = engine
@@ -158,15 +159,16 @@ class Runtime:
         self._check_task_ids(request.task_ids)
         check_ids("prefix", request.prefix, self.engine.limits)
         # A page token is a task id in base64 (up to 4 UTF-8 bytes a character).
-        if len(request.page_token) > 8 * self.settings.max_id_chars:
+        if len(request.page_token) > 8 * self.settings.limits.max_id_chars:
             raise LimitExceeded("page_token", "is not a token this server issued (too long)")
-        if request.task_ids:
-            records = await self.store.get(list(request.task_ids))
-            next_token = ""
-        else:
-            records, next_token = await self.store.scan(
-                request.prefix, request.page_size, request.page_token
-            )
+        with field_errors():
+            if request.task_ids:
+                records = await self.store.get(list(request.task_ids))
+                next_token = ""
+            else:
+                records, next_token = await self.store.scan(
+                    request.prefix, request.page_size, request.page_token
+                )
         return pb.GetSuccessRatesResponse(
             tasks=[task_to_proto(r) for r in records], next_page_token=next_token
         )
@@ -184,7 +186,8 @@ class Runtime:
             if not task_id:
                 raise InvalidArgument(f"task_ids[{i}]", "must not be empty")
         targets: Sequence[str] | None = None if request.all_tasks else list(request.task_ids)
-        deleted = await self.store.reset(targets)
+        with field_errors():
+            deleted = await self.store.reset(targets)
         log.info("success rates reset", extra={"tasks": "all" if targets is None
                                                 else len(targets), "deleted": deleted})
         return pb.ResetSuccessRatesResponse(deleted=deleted)
@@ -201,7 +204,6 @@ class Runtime:
     # --- description and readiness --------------------------------------------------------
 
     def server_info(self) -> pb.GetServerInfoResponse:
-        s = self.settings
         similarities = [pb.SIMILARITY_TFIDF, pb.SIMILARITY_EXACT, pb.SIMILARITY_PRECOMPUTED]
         if self.embedder is not None:
             similarities.insert(1, pb.SIMILARITY_ENCODER)
@@ -213,18 +215,8 @@ class Runtime:
             default_similarity=_ENUM_SIMILARITY[self.engine.default_similarity],
             similarities=similarities,
             encoder=self.encoder_info(),
-            limits=pb.Limits(
-                max_message_bytes=s.max_message_bytes,
-                max_trajectories=s.max_trajectories,
-                max_steps_per_trajectory=s.max_steps_per_trajectory,
-                max_total_steps=s.max_total_steps,
-                max_state_chars=s.max_state_chars,
-                max_concurrency=s.max_concurrency,
-                max_embedding_dim=s.max_embedding_dim,
-                max_id_chars=s.max_id_chars,
-                max_tasks_per_request=s.max_tasks_per_request,
-                max_group_distinct_states=s.max_group_distinct_states,
-            ),
+            limits=limits_to_proto(self.settings.limits,
+                                   max_concurrency=self.settings.max_concurrency),
             success_rate_store=self.store.name,
             success_rate_namespace=self.store.namespace,
         )
@@ -319,6 +311,12 @@ class Runtime:
             log.error("request failed: internal error", extra=fields, exc_info=exc)
         else:
             log.info("request refused: %s", error.message, extra=fields)
+
+
+def limits_to_proto(limits: Limits, *, max_concurrency: int) -> pb.Limits:
+    """GetServerInfo's limits: every per-request limit under its own name, and the server's
+    concurrency limit."""
+    return pb.Limits(max_concurrency=max_concurrency, **asdict(limits))
 
 
 def task_to_proto(record: TaskRecord) -> pb.TaskSuccessRate:

@@ -1,16 +1,17 @@
 """One mapping from exceptions to what both front doors answer (gRPC code, HTTP status, body).
 
-Expected errors (``proxmo.errors.ProxmoError``, the core's ``ValidationError``) keep their
-message, which names the offending field. Anything else is a bug: it becomes INTERNAL / 500 with
-only a request id in the message; the trace goes to the log, never to the client.
+Expected errors (``proxmo.errors.ProxmoError``: the core's ``ValidationError`` is one already,
+``proxmo.engine.field_errors``) keep their message, which names the offending field. Anything
+else is a bug: it becomes INTERNAL / 500 with only a request id in the message; the trace goes
+to the log, never to the client.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxmo.core.batch import ValidationError, cut
-from proxmo.errors import InvalidArgument, ProxmoError
+from proxmo.core.batch import cut
+from proxmo.errors import ProxmoError
 
 # Reason label of proxmo_rejected_total per gRPC code.
 _REJECT_REASONS = {
@@ -52,8 +53,6 @@ class ErrorStatus:
 
 def classify(exc: BaseException, request_id: str) -> ErrorStatus:
     """The answer for an exception raised while serving request ``request_id``."""
-    if isinstance(exc, ValidationError):
-        exc = InvalidArgument.from_validation(exc)
     if isinstance(exc, ProxmoError):  # an INTERNAL one (NonFiniteResult) is a bug: log it
         return ErrorStatus(exc.grpc_code, exc.http_status, _bounded(str(exc)),
                            _bounded(exc.field), internal=exc.grpc_code == "INTERNAL")

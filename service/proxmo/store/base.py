@@ -181,7 +181,7 @@ def validate_history_params(half_life: float, prior: float) -> None:
 def merge_updates(updates: Sequence[TaskUpdate]) -> dict[str, tuple[int, int]]:
     """Validates and sums the updates per task_id (first-appearance order).
 
-    All of a batch's groups of one task count as ONE update of that task (ALGORITHM.md).
+    All of a batch's groups of one task count as ONE update of that task (docs/algorithm.md).
     """
     merged: dict[str, tuple[int, int]] = {}
     for i, update in enumerate(updates):

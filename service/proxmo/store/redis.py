@@ -66,6 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxmo.core import history
+from proxmo.core.batch import ECHO_CHARS, cut
 from proxmo.errors import NotReady
 from proxmo.secrets import mask_url
 from proxmo.store.base import (
@@ -204,6 +205,7 @@ _OUTAGE_REPLY_PREFIXES = ("BUSY", "NOREPLICAS", "MISCONF", "CLUSTERDOWN", "MASTE
                           "READONLY", "OOM", "TRYAGAIN")
 _FLUSH_CHUNK = 128  # scripts per pipelined round trip when draining the buffer
 _SCAN_COUNT = 1000
+_ERROR_CHARS = 200  # of a Redis error's text in logs and in the store's health detail
 # On a Redis Cluster, tasks are spread over this many hash-tagged buckets (``<ns>:{<b>}:...``);
 # every key of one bucket shares a hash slot. Changing it relocates every key.
 CLUSTER_BUCKETS = 64
@@ -637,12 +639,12 @@ class RedisStore(SuccessRateStore):
             # Redis answers, this call was slow: a script that reached Redis runs to completion,
             # so the buffered retry is a cheap claim hit. The circuit stays closed.
             log.warning("success-rate update %s timed out on a live redis; retried from the "
-                        "buffer", pending.request_id[:64])
+                        "buffer", cut(pending.request_id, ECHO_CHARS))
             return self._buffered(pending)
         # A reply error of this call only (nothing store-wide): its retry would fail the same.
         self._metrics.dropped()
         log.error("success-rate update %s refused by redis, not stored: %s",
-                  pending.request_id[:64], str(error)[:200])
+                  cut(pending.request_id, ECHO_CHARS), cut(str(error), _ERROR_CHARS))
         return self._degraded()
 
     async def _is_outage(self, error: BaseException) -> bool:
@@ -751,7 +753,8 @@ class RedisStore(SuccessRateStore):
                     if isinstance(reply, BaseException):  # this entry's own refusal
                         self._metrics.dropped()
                         log.error("buffered success-rate update %s refused by redis, not stored:"
-                                  " %s", pending.request_id[:64], str(reply)[:200])
+                                  " %s", cut(pending.request_id, ECHO_CHARS),
+                                  cut(str(reply), _ERROR_CHARS))
                     elif all(int(group[0]) == 1 for group in reply):
                         replays += 1
                         self._metrics.replay()
@@ -804,7 +807,7 @@ class RedisStore(SuccessRateStore):
     def _mark_down(self, error: BaseException) -> None:
         if not self._down_until:
             log.warning("success-rate store %s unreachable: %r", self._location, error)
-        self._last_error = f"{type(error).__name__}: {str(error)[:200]}"
+        self._last_error = f"{type(error).__name__}: {cut(str(error), _ERROR_CHARS)}"
         self._down_until = time.monotonic() + self._cooldown_s
         self._metrics.up(False)
 

@@ -178,14 +178,28 @@ def _fill_trajectory(message: pb.Trajectory, item: Mapping[str, Any], where: str
     keys = item.get("state_keys")
     state_keys = _strings(keys, f"{where}.state_keys", num_steps) if keys is not None else None
     embeddings = _matrix(item.get("embeddings"), f"{where}.embeddings", num_steps)
-    for t in range(num_steps):
-        step = message.steps.add(state=states[t], reward=rewards[t])
+    _add_steps(message, range(num_steps), states, rewards, invalid, state_keys, embeddings)
+
+
+def _add_steps(
+    message: pb.Trajectory,
+    rows: Iterable[int],
+    states: Sequence[str],
+    rewards: Sequence[float],
+    invalid: npt.NDArray[np.bool_] | None,
+    state_keys: Sequence[str] | None,
+    embeddings: npt.NDArray[np.float32] | None,
+) -> None:
+    """Appends to ``message`` one step per entry of ``rows``, an index into the checked
+    per-step columns."""
+    for r in rows:
+        step = message.steps.add(state=states[r], reward=rewards[r])
         if invalid is not None:
-            step.invalid_action = bool(invalid[t])
+            step.invalid_action = bool(invalid[r])
         if state_keys is not None:
-            step.state_key = state_keys[t]
+            step.state_key = state_keys[r]
         if embeddings is not None:
-            step.state_embedding.extend(embeddings[t].tolist())
+            step.state_embedding.extend(embeddings[r].tolist())
 
 
 # ------------------------------------------------------------------- one row per step
@@ -228,15 +242,15 @@ def trajectories_from_rows(
     Returns the ``Trajectory`` messages (for :func:`build_request`) and the bookkeeping for
     :func:`advantages_to_rows`.
     """
-    traj_column = _column(trajectory_ids, "trajectory_ids")
+    traj_column = row_column(trajectory_ids, "trajectory_ids")
     num_rows = len(traj_column)
     if num_rows == 0:
         raise BuildError("trajectory_ids", "at least one row is required")
-    group_column = _column(group_ids, "group_ids", num_rows)
+    group_column = row_column(group_ids, "group_ids", num_rows)
     state_column = _strings(states, "states", num_rows)
     reward_column = _floats(rewards, "rewards", num_rows)
     invalid_column = _bools(invalid, "invalid", num_rows)
-    task_column = _column(task_ids, "task_ids", num_rows) if task_ids is not None else None
+    task_column = row_column(task_ids, "task_ids", num_rows) if task_ids is not None else None
     success_column = _bools(success, "success", num_rows)
     keys = state_keys
     key_column = _strings(keys, "state_keys", num_rows) if keys is not None else None
@@ -266,7 +280,7 @@ def trajectories_from_rows(
 
     row_step = np.empty(num_rows, dtype=np.int64)
     ordered_rows: list[list[int]] = []
-    step_column = None if step_index is None else _integers(step_index, "step_index", num_rows)
+    step_column = None if step_index is None else integer_column(step_index, "step_index", num_rows)
     for k, rows in enumerate(rows_of):
         if step_column is not None:
             rows = sorted(rows, key=lambda r: int(step_column[r]))
@@ -292,14 +306,10 @@ def trajectories_from_rows(
             message.task_id = _identifier(task_column[r0], f"task_ids[{r0}]")
         if success_column is not None:
             message.success = bool(success_column[r0])
-        for r in rows:
-            step = message.steps.add(state=state_column[r], reward=reward_column[r])
-            if invalid_column is not None:
-                step.invalid_action = bool(invalid_column[r])
-            if key_column is not None:
-                step.state_key = key_column[r]
-            if embedding_matrix is not None:
-                step.state_embedding.extend(embedding_matrix[r].tolist())
+        _add_steps(
+            message, rows, state_column, reward_column, invalid_column, key_column,
+            embedding_matrix,
+        )  # fmt: skip
         messages.append(message)
 
     bookkeeping = RowBookkeeping(
@@ -349,19 +359,24 @@ def _is_sequence(value: Any) -> bool:
     return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 
 
-def _length(value: Any, where: str, expected: int | None) -> int:
+def _length(value: Any, where: str, expected: int | None, per: str = "step") -> int:
     if not _is_sequence(value):
         raise BuildError(where, f"expected a list or array, got {type(value).__name__}")
     n = len(value)
     if expected is not None and n != expected:
-        raise BuildError(where, f"has {n} entries, expected {expected} (one per step)")
+        raise BuildError(where, f"has {n} entries, expected {expected} (one per {per})")
     return n
 
 
-def _column(value: Any, where: str, expected: int | None = None) -> Sequence[Any]:
+def row_column(
+    value: Any, where: str, expected: int | None = None, per: str = "step"
+) -> Sequence[Any]:
+    """``value`` when it is a list or 1-D array (of ``expected`` entries when given), else
+    BuildError naming ``where``: the check of every per-row argument here and in
+    :mod:`proxmo_client.integrations.rows`."""
     if isinstance(value, np.ndarray) and value.ndim != 1:
         raise BuildError(where, f"expected one entry per row, got shape {value.shape}")
-    _length(value, where, expected)
+    _length(value, where, expected, per)
     return value  # type: ignore[no-any-return]
 
 
@@ -440,7 +455,7 @@ def _bools(value: Any, where: str, expected: int) -> npt.NDArray[np.bool_] | Non
     return array
 
 
-def _integers(value: Any, where: str, expected: int) -> npt.NDArray[np.int64]:
+def integer_column(value: Any, where: str, expected: int) -> npt.NDArray[np.int64]:
     _length(value, where, expected)
     array = np.asarray(value)
     if array.dtype.kind not in "iu":

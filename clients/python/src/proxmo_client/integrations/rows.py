@@ -43,6 +43,8 @@ from proxmo_client.builders import (
     RowBookkeeping,
     advantages_to_rows,
     build_request,
+    integer_column,
+    row_column,
     trajectories_from_rows,
 )
 from proxmo_client.errors import BuildError
@@ -126,13 +128,11 @@ def rows_to_request(
     }
     steps = _as_column(step_index, "step_index")
     for name, column in (*columns.items(), ("step_index", steps), ("row_keys", row_keys)):
-        if column is not None and len(column) != num_rows:
-            raise BuildError(name, f"has {len(column)} entries, expected {num_rows} (one per row)")
+        if column is not None:
+            row_column(column, name, num_rows, per="row")
     if steps is not None:
-        steps = np.asarray(steps)
-        if steps.dtype.kind not in "iu":
-            raise BuildError("step_index", f"expected integers, got dtype {steps.dtype}")
-        identity: Sequence[Hashable] | None = [int(s) for s in steps]
+        steps = integer_column(steps, "step_index", num_rows)
+        identity: Sequence[Hashable] | None = steps.tolist()
     else:
         identity = row_keys
 
@@ -224,13 +224,7 @@ def _as_column(value: Any, where: str) -> Any:
         return None
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (torch not imported)
         value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        if value.ndim != 1:
-            raise BuildError(where, f"expected one entry per row, got shape {value.shape}")
-        return value
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise BuildError(where, f"expected a list or array, got {type(value).__name__}")
-    return value
+    return row_column(value, where)
 
 
 def _in_input_rows(error: BuildError, kept: npt.NDArray[np.int64]) -> BuildError:
