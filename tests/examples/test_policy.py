@@ -4,7 +4,7 @@ commands, and the clipped PPO update moving log-probs in the advantage's directi
 from __future__ import annotations
 
 import torch
-from textworld_agent.policy import EMBED_DIM, PairScorer, StepChoices, ppo_update
+from textworld_agent.policy import EMBED_DIM, SENTENCE_BREAK, PairScorer, StepChoices, ppo_update
 
 
 def _batch(counts: list[int], seed: int = 0) -> StepChoices:
@@ -67,3 +67,28 @@ def test_zero_advantages_leave_the_policy_alone() -> None:
     with torch.no_grad():
         after, _ = policy.log_probs(batch)
     torch.testing.assert_close(after, before)
+
+
+def test_minibatches_take_one_step_each_and_stop_on_kl() -> None:
+    torch.manual_seed(0)
+    policy = PairScorer()
+    batch = _batch([5] * 8, seed=2)
+    with torch.no_grad():
+        before, _ = policy.log_probs(batch)
+    advantages = torch.tensor([1.0, -1.0] * 4)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    stats = ppo_update(policy, optimizer, batch, before, advantages, epochs=2, minibatches=4,
+                       generator=g, entropy_coef=0.0)  # fmt: skip
+    assert stats["steps"] == 8 and stats["epochs"] == 2
+    # A KL target every step passes stops the update after its first step.
+    stats = ppo_update(policy, optimizer, batch, before, advantages, epochs=2, minibatches=4,
+                       generator=g, target_kl=-1.0)  # fmt: skip
+    assert stats["steps"] == 1
+
+
+def test_sentence_break_splits_a_noisy_observation() -> None:
+    text = "-= Pantry =- It is oddly quiet here. You see a box.\nLast: Taken! Moves: 3."
+    assert SENTENCE_BREAK.split(text) == [
+        "-= Pantry =-", "It is oddly quiet here.", "You see a box.", "Last: Taken!", "Moves: 3.",
+    ]  # fmt: skip

@@ -23,6 +23,13 @@ def test_readme_block_is_generated_from_the_committed_results() -> None:
     assert stats.current_block(ROOT / "README.md") == stats.readme_block()
 
 
+def test_the_stages_make_up_the_declared_grid() -> None:
+    assert len(stats.GRID) == len(set(stats.GRID)) == 13
+    assert stats.STAGES[0] == (stats.FULL, stats.TFIDF, stats.GIGPO, stats.GRPO)
+    compared = {name for pair in stats.SECONDARY for name in pair} | {stats.GIGPO, stats.GRPO}
+    assert compared == set(stats.GRID)  # every estimator is in a declared comparison
+
+
 def test_holm_and_bootstrap() -> None:
     assert np.allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
     assert stats.holm([0.9, 0.5]) == [1.0, 1.0]

@@ -11,6 +11,8 @@ projected once per forward pass and pairs only add and gather: cheap enough for 
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 
 EMBED_DIM = 384
+# Sentence ends, line breaks, and the end of a room title ("-= Kitchen =-").
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<==-)\s+|\s*\n\s*")
 
 
 class TextEmbedder:
@@ -37,6 +41,7 @@ class TextEmbedder:
         self._cache: dict[str, np.ndarray] = {}
         self._save_path = save_path or cache_path
         self._dirty = False
+        self.encode_s = 0.0  # seconds spent in MiniLM, for the cost table
         if cache_path is not None and cache_path.exists():
             with np.load(cache_path) as data:
                 keys, vectors = data["keys"], data["vectors"]
@@ -51,14 +56,29 @@ class TextEmbedder:
         keys = [self._key(t) for t in texts]
         missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._cache}
         if missing:
+            started = time.perf_counter()
             vectors = self._model.encode(
                 list(missing.values()), batch_size=64, normalize_embeddings=True,
                 convert_to_numpy=True, show_progress_bar=False,
             )  # fmt: skip
+            self.encode_s += time.perf_counter() - started
             for k, v in zip(missing, vectors, strict=True):
                 self._cache[k] = v.astype(np.float32)
             self._dirty = True
         return torch.from_numpy(np.stack([self._cache[k] for k in keys]))
+
+    def embed_states(self, texts: Sequence[str], by_sentence: bool = False) -> torch.Tensor:
+        """Like ``embed``; ``by_sentence``: the L2-normalized mean of the embeddings of each
+        text's sentences (and lines), each sentence encoded once. An observation that recombines
+        known sentences (the noisy regime: rotating ambient line, shuffled sentences, move
+        counter) then costs no encoder call, where a whole-text embedding costs one per step."""
+        if not by_sentence:
+            return self.embed(texts)
+        parts = [[x for x in SENTENCE_BREAK.split(t.strip()) if x] or [t] for t in texts]
+        vectors = self.embed([x for sentences in parts for x in sentences])
+        owner = torch.repeat_interleave(torch.tensor([len(sentences) for sentences in parts]))
+        sums = torch.zeros(len(texts), EMBED_DIM).index_add(0, owner, vectors)
+        return torch.nn.functional.normalize(sums, dim=1)
 
     def save(self) -> None:
         """Write the cache to disk (atomically) when it grew."""
@@ -141,33 +161,46 @@ def ppo_update(
     clip: float = 0.2,
     entropy_coef: float = 0.01,
     target_kl: float | None = None,
+    minibatches: int = 1,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """PPO's clipped objective on per-step advantages (one row per step, full batch).
+    """PPO's clipped objective on per-step advantages (one row per step).
 
     L = -mean_t min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) - c_H mean_t H_t,
     r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
-    With ``target_kl``, epochs stop early once the approximate KL(pi_old || pi),
-    mean_t (r_t - 1 - log r_t), exceeds it (measured before each epoch's step).
+    Each epoch takes one optimizer step per minibatch: the rows shuffled (by ``generator``) and
+    split into ``minibatches`` parts (1: the full batch, in order). With ``target_kl``, the update
+    stops early once the approximate KL(pi_old || pi) over all rows, mean_t (r_t - 1 - log r_t),
+    exceeds it (measured before every step but the first).
     """
     stats: dict[str, float] = {}
+    n_rows = advantages.numel()
+    steps = 0
     for epoch in range(epochs):
-        log_p, entropy = policy.log_probs(batch)
-        log_ratio = log_p - old_log_probs
-        ratio = log_ratio.exp()
-        approx_kl = float((ratio.detach() - 1 - log_ratio.detach()).mean())
-        if target_kl is not None and epoch > 0 and approx_kl > target_kl:
-            break
-        surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
-        loss = -surrogate.mean() - entropy_coef * entropy.mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        stats = {
-            "loss": float(loss.detach()),
-            "entropy": float(entropy.detach().mean()),
-            "clip_fraction": float(((ratio - 1).abs() > clip).float().mean()),
-            "approx_kl": approx_kl,
-            "epochs": float(epoch + 1),
-        }
+        order = torch.randperm(n_rows, generator=generator) if minibatches > 1 else None
+        for rows in order.chunk(minibatches) if order is not None else [slice(None)]:
+            # The forward pass covers every row (cheap next to the environment), so the KL
+            # check sees the whole batch; the loss takes the minibatch's rows.
+            log_p, entropy = policy.log_probs(batch)
+            log_ratio = log_p - old_log_probs
+            ratio = log_ratio.exp()
+            approx_kl = float((ratio.detach() - 1 - log_ratio.detach()).mean())
+            if target_kl is not None and steps > 0 and approx_kl > target_kl:
+                return stats
+            ratio, adv = ratio[rows], advantages[rows]
+            surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+            loss = -surrogate.mean() - entropy_coef * entropy[rows].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            steps += 1
+            stats = {
+                "loss": float(loss.detach()),
+                "entropy": float(entropy.detach().mean()),
+                "clip_fraction": float(((ratio - 1).abs() > clip).float().mean()),
+                "approx_kl": approx_kl,
+                "epochs": float(epoch + 1),
+                "steps": float(steps),
+            }
     return stats

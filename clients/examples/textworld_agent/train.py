@@ -48,10 +48,10 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         # Issue 18's ablations (the default proxmo preset is proxmo-encoder above).
         EstimatorSpec("proxmo-encoder-tau0.2", "proxmo", {"similarity": "encoder", "tau": 0.2}),
         EstimatorSpec("proxmo-exact", "proxmo", {"similarity": "exact"}),
-        EstimatorSpec("proxmo-nopsc", "proxmo", {"similarity": "encoder", "tau": 0.05,
-                                                 "psc_enabled": False}),
-        EstimatorSpec("proxmo-batch", "proxmo", {"similarity": "encoder", "tau": 0.05,
-                                                 "success_rate_source": "batch"}),
+        EstimatorSpec("proxmo-tfidf-nopsc", "proxmo", {"similarity": "tfidf",
+                                                       "psc_enabled": False}),
+        EstimatorSpec("proxmo-tfidf-batch", "proxmo", {"similarity": "tfidf",
+                                                       "success_rate_source": "batch"}),
         EstimatorSpec("gigpo-psc", "gigpo", {"psc_enabled": True,
                                              "success_rate_source": "history"}),
         EstimatorSpec("grpo-discounted", "grpo", discount_return=0.95),
@@ -66,12 +66,14 @@ class TrainConfig:
     max_steps: int = 15
     lr: float = 3e-3
     ppo_epochs: int = 4
+    minibatches: int = 1  # optimizer steps per epoch (rows shuffled by the run's generator)
     clip: float = 0.2
     entropy_coef: float = 0.01
     # The regimes' gentler settings (None keeps the original example's behaviour):
     target_kl: float | None = None  # stop an update's epochs early past this approximate KL
     entropy_final: float | None = None  # anneal entropy_coef linearly to this over the run
     env_step_budget: int | None = None  # stop at the first iteration reaching this many steps
+    state_by_sentence: bool = False  # state features: mean of sentence embeddings (policy.py)
 
 
 @dataclass
@@ -92,9 +94,9 @@ class _StepBuffer:
         self.chosen: list[int] = []
         self.old_log_probs: list[float] = []
 
-    def to_batch(self, embedder: TextEmbedder) -> StepChoices:
+    def to_batch(self, embedder: TextEmbedder, by_sentence: bool) -> StepChoices:
         return StepChoices(
-            state=embedder.embed(self.states),
+            state=embedder.embed_states(self.states, by_sentence),
             goal=embedder.embed(self.goals),
             command=embedder.embed(self.commands),
             cand_step=torch.tensor(self.cand_step, dtype=torch.int64),
@@ -102,11 +104,13 @@ class _StepBuffer:
         )
 
 
-def _log_pi(policy: PairScorer, embedder: TextEmbedder, obs: Observation) -> torch.Tensor:
+def _log_pi(
+    policy: PairScorer, embedder: TextEmbedder, obs: Observation, by_sentence: bool
+) -> torch.Tensor:
     """log pi(. | obs) over obs.commands, without gradients."""
     n = len(obs.commands)
     choices = StepChoices(
-        state=embedder.embed([obs.state]),
+        state=embedder.embed_states([obs.state], by_sentence),
         goal=embedder.embed([obs.goal]),
         command=embedder.embed(obs.commands),
         cand_step=torch.zeros(n, dtype=torch.int64),
@@ -117,10 +121,11 @@ def _log_pi(policy: PairScorer, embedder: TextEmbedder, obs: Observation) -> tor
 
 
 def _act(
-    policy: PairScorer, embedder: TextEmbedder, obs: Observation, rng: torch.Generator
-) -> tuple[int, float]:
+    policy: PairScorer, embedder: TextEmbedder, obs: Observation, rng: torch.Generator,
+    by_sentence: bool,
+) -> tuple[int, float]:  # fmt: skip
     """Sample a command index from pi(. | obs); returns (index, log-prob)."""
-    log_p = _log_pi(policy, embedder, obs)
+    log_p = _log_pi(policy, embedder, obs, by_sentence)
     index = int(torch.multinomial(log_p.exp(), 1, generator=rng))
     return index, float(log_p[index])
 
@@ -162,6 +167,7 @@ def train_run(
     try:
         for iteration in range(config.iterations):
             started = time.perf_counter()
+            env_before, embed_before = _env_seconds(games + eval_games), embedder.encode_s
             buffer = _StepBuffer()
             trajectories: list[dict[str, Any]] = []
             wins: list[bool] = []
@@ -175,7 +181,8 @@ def train_run(
                     episode = _Episode()
                     obs = game.reset()
                     for _ in range(config.max_steps):
-                        index, log_p = _act(policy, embedder, obs, rng)
+                        index, log_p = _act(policy, embedder, obs, rng,
+                                            config.state_by_sentence)  # fmt: skip
                         step = len(buffer.states)
                         buffer.states.append(obs.state)
                         buffer.goals.append(obs.goal)
@@ -215,12 +222,21 @@ def train_run(
             advantages = torch.tensor(
                 [a for t in trajectories for a in by_id[t["trajectory_id"]]], dtype=torch.float32
             )
+            update_started = time.perf_counter()
             stats = ppo_update(
-                policy, optimizer, buffer.to_batch(embedder),
+                policy, optimizer, buffer.to_batch(embedder, config.state_by_sentence),
                 torch.tensor(buffer.old_log_probs), advantages,
                 epochs=config.ppo_epochs, clip=config.clip, target_kl=config.target_kl,
                 entropy_coef=_entropy_coef(config, iteration, env_steps),
+                minibatches=config.minibatches, generator=rng,
             )  # fmt: skip
+            update_s = time.perf_counter() - update_started
+            eval_started = time.perf_counter()
+            success = (
+                _greedy_success(policy, embedder, eval_games, config)
+                if eval_games else None
+            )  # fmt: skip
+            eval_s = time.perf_counter() - eval_started
             iteration_steps = len(buffer.states)
             env_steps += iteration_steps
             rows = sum(g.num_steps for g in response.groups)
@@ -230,10 +246,7 @@ def train_run(
                 "seed": seed,
                 "iteration": iteration,
                 "env_steps": env_steps,
-                "success_rate": (
-                    _greedy_success(policy, embedder, eval_games, config.max_steps)
-                    if eval_games else train_success
-                ),
+                "success_rate": train_success if success is None else success,
                 "train_success_rate": train_success,
                 # Exact-anchor singletons (the rows GiGPO's step term gives 0), row-weighted.
                 "singleton_fraction": sum(
@@ -246,8 +259,15 @@ def train_run(
                 "clip_fraction": stats["clip_fraction"],
                 "approx_kl": stats["approx_kl"],
                 "ppo_epochs": int(stats["epochs"]),
+                "optimizer_steps": int(stats["steps"]),
                 "rollout_s": round(rollout_s, 4),
                 "service_s": round(service_s, 4),
+                # Where the iteration's time went (rollout_s holds env_s and most of embed_s;
+                # embed_s also counts the update's and the evaluation's new texts).
+                "env_s": round(_env_seconds(games + eval_games) - env_before, 4),
+                "embed_s": round(embedder.encode_s - embed_before, 4),
+                "update_s": round(update_s, 4),
+                "eval_s": round(eval_s, 4),
                 "iteration_s": round(time.perf_counter() - started, 4),
             }
             records.append(record)
@@ -259,6 +279,10 @@ def train_run(
         for game in games + eval_games:
             game.close()
     return records
+
+
+def _env_seconds(games: Sequence[Game]) -> float:
+    return sum(game.env_s for game in games)
 
 
 def _discounted(rewards: list[float], gamma: float | None) -> list[float]:
@@ -281,14 +305,14 @@ def _entropy_coef(config: TrainConfig, iteration: int, env_steps: int) -> float:
 
 
 def _greedy_success(
-    policy: PairScorer, embedder: TextEmbedder, games: Sequence[Game], max_steps: int
+    policy: PairScorer, embedder: TextEmbedder, games: Sequence[Game], config: TrainConfig
 ) -> float:
     """Success of the greedy policy (argmax command), one episode per game."""
     wins = []
     for game in games:
         obs = game.reset()
-        for _ in range(max_steps):
-            index = int(_log_pi(policy, embedder, obs).argmax())
+        for _ in range(config.max_steps):
+            index = int(_log_pi(policy, embedder, obs, config.state_by_sentence).argmax())
             obs, _ = game.step(obs.commands[index])
             if game.done:
                 break
