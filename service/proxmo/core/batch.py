@@ -181,16 +181,17 @@ def _validate(trajs: Sequence[TrajectoryInput]) -> _Validated:
             embeddings.append(block)
             has_embedding.append(present)
     except Exception:
-        if (earlier := _reward_error(rewards)) is not None:
+        if rewards and (earlier := _reward_error(np.concatenate(rewards), rewards)) is not None:
             raise earlier from None
         raise
-    if (error := _reward_error(rewards)) is not None:
+    all_rewards = np.concatenate(rewards)
+    if (error := _reward_error(all_rewards, rewards)) is not None:
         raise error
     return _Validated(
         traj_group=traj_group,
         group_ids=tuple(groups),
         group_task=tuple(task for _, task, _ in groups.values()),
-        rewards=np.concatenate(rewards),
+        rewards=all_rewards,
         invalid=invalid,
         embeddings=embeddings,
         has_embedding=has_embedding,
@@ -311,12 +312,9 @@ def _check_length(field: str, values: Sequence[object], n_steps: int) -> None:
         raise ValidationError(field, f"has {len(values)} values for {n_steps} steps")
 
 
-def _reward_error(parts: list[np.ndarray]) -> ValidationError | None:
+def _reward_error(rewards: np.ndarray, parts: list[np.ndarray]) -> ValidationError | None:
     """The error naming the first reward that is not finite or beyond +-MAX_ABS_REWARD, if any
-    (``parts``: the trajectories' rewards in request order)."""
-    if not parts:
-        return None
-    rewards = np.concatenate(parts)
+    (``rewards``: the concatenation of ``parts``, the trajectories' rewards in request order)."""
     bad = np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))  # NaN compares False
     if bad.size == 0:
         return None

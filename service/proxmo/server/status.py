@@ -1,9 +1,9 @@
 """One mapping from exceptions to what both front doors answer (gRPC code, HTTP status, body).
 
-Expected errors (``proxmo.errors.ProxmoError``: the core's ``ValidationError`` is one already,
-``proxmo.engine.field_errors``) keep their message, which names the offending field. Anything
-else is a bug: it becomes INTERNAL / 500 with only a request id in the message; the trace goes
-to the log, never to the client.
+Expected errors (``proxmo.errors.ProxmoError``; the core's ``ValidationError`` arrives already
+turned into InvalidArgument by ``proxmo.engine.field_errors``) keep their message, which names
+the offending field. Anything else is a bug: it becomes INTERNAL / 500 with only a request id
+in the message; the trace goes to the log, never to the client.
 """
 
 from __future__ import annotations
